@@ -1,0 +1,107 @@
+"""Keep a live PyTorch model on the CMD model while it trains (``step`` projection)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from cmd_fl.embedding import EmbeddingState
+from cmd_fl.layout import ParameterLayout
+
+
+@dataclass
+class _TensorPart:
+    param: torch.nn.Parameter
+    local_idx: torch.Tensor  # flat positions inside the parameter
+    a: torch.Tensor
+    b: torch.Tensor
+    modes: torch.Tensor
+    keep: torch.Tensor  # gradient mask: 0 on embedded entries
+
+
+class EmbeddedProjector:
+    """Masks the gradients of embedded weights and re-projects them after every optimizer step.
+
+    After each ``optimizer.step()`` every embedded weight equals ``a * w_ref + b`` exactly
+    (float32, multiply then add, as :class:`EmbeddingState` computes it), whatever the optimizer did
+    (momentum, weight decay). Works for any ``torch.optim.Optimizer`` through a step post-hook.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The live model; its modelled parameters follow ``layout``.
+    layout : ParameterLayout
+        The module's layout.
+    state : EmbeddingState
+        Which weights are embedded, their references and frozen coefficients.
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, layout: ParameterLayout, state: EmbeddingState
+    ) -> None:
+        if state.n_weights != layout.n_weights:
+            raise ValueError(f"state has {state.n_weights} weights, the layout {layout.n_weights}")
+        params = dict(module.named_parameters())
+        self._ref_slots: list[tuple[torch.nn.Parameter, int]] = []
+        for index in state.references.tolist():
+            spec, local = layout.tensor_of(int(index))
+            self._ref_slots.append((params[spec.name], local))
+        self._parts: list[_TensorPart] = []
+        emb = state.embedded_indices
+        for spec in layout.modelled:
+            lo, hi = np.searchsorted(emb, [spec.offset, spec.offset + spec.numel])
+            if hi == lo:
+                continue
+            idx = emb[lo:hi]
+            param = params[spec.name]
+            keep = torch.ones(spec.numel, dtype=param.dtype)
+            local_idx = torch.from_numpy(idx - spec.offset)
+            keep[local_idx] = 0
+            self._parts.append(
+                _TensorPart(
+                    param=param,
+                    local_idx=local_idx,
+                    a=torch.from_numpy(state.frozen_a[idx]),
+                    b=torch.from_numpy(state.frozen_b[idx]),
+                    modes=torch.from_numpy(state.modes[idx].astype(np.int64)),
+                    keep=keep.view(spec.shape).to(param.device),
+                )
+            )
+        self._handles: list[RemovableHandle] = []
+
+    def reference_values(self) -> torch.Tensor:
+        """The current M reference values (float32)."""
+        return torch.stack(
+            [p.detach().reshape(-1)[i].to(torch.float32) for p, i in self._ref_slots]
+        ).cpu()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Set every embedded weight to ``a * w_ref + b`` from the current references."""
+        refs = self.reference_values()
+        for part in self._parts:
+            values = part.a * refs[part.modes] + part.b
+            flat = part.param.data.view(-1)
+            flat[part.local_idx.to(flat.device)] = values.to(flat.device, flat.dtype)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> EmbeddedProjector:
+        """Mask embedded gradients and project after each step of ``optimizer``; returns self."""
+        for part in self._parts:
+            keep = part.keep
+            self._handles.append(part.param.register_hook(lambda grad, keep=keep: grad * keep))
+        self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        self.project()
+        return self
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.project()
+
+    def detach(self) -> None:
+        """Remove every hook this projector registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

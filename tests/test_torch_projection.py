@@ -1,0 +1,67 @@
+"""The step hook keeps embedded weights on the CMD model through any optimizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cmd_fl import EmbeddedProjector, EmbeddingState, ParameterLayout
+
+
+def _setup() -> tuple[torch.nn.Module, ParameterLayout, EmbeddingState]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    layout = ParameterLayout.from_module(model)
+    n = layout.n_weights
+    rng = np.random.default_rng(0)
+    references = np.array([3, 40])
+    modes = rng.integers(0, 2, n)
+    modes[references] = [0, 1]
+    state = EmbeddingState(modes, references)
+    chosen = np.setdiff1d(rng.choice(n, n // 2, replace=False), references)
+    state.embed(chosen, rng.normal(size=chosen.size), rng.normal(size=chosen.size))
+    return model, layout, state
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda p: torch.optim.Adam(p, lr=0.01),
+    ],
+    ids=["sgd-momentum-wd", "adam"],
+)
+def test_embedded_weights_follow_references_after_each_step(make_optimizer) -> None:  # type: ignore[no-untyped-def]
+    model, layout, state = _setup()
+    optimizer = make_optimizer(model.parameters())
+    projector = EmbeddedProjector(model, layout, state).attach(optimizer)
+    before = layout.flatten_numpy(model.state_dict()).copy()
+
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(8, 6)).pow(2).sum().backward()
+        optimizer.step()
+        flat = layout.flatten_numpy(model.state_dict())
+        expected = flat.copy()
+        state.project(expected)  # the numpy definition of the CMD model
+        np.testing.assert_array_equal(flat, expected)
+
+    free = state.free_indices
+    assert (flat[free] != before[free]).mean() > 0.9  # trained weights moved
+    assert (flat[state.references] != before[state.references]).all()
+    projector.detach()
+
+
+def test_detach_stops_projection() -> None:
+    model, layout, state = _setup()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    EmbeddedProjector(model, layout, state).attach(optimizer).detach()
+
+    optimizer.zero_grad()
+    model(torch.randn(8, 6)).pow(2).sum().backward()
+    optimizer.step()
+    flat = layout.flatten_numpy(model.state_dict())
+    expected = flat.copy()
+    state.project(expected)
+    assert not np.array_equal(flat, expected)
