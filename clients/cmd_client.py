@@ -1,0 +1,180 @@
+"""Run any PyTorch model under CMD inside a Flower ClientApp."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from cmd_fl.embedding import EmbeddingState, apply_delta
+from cmd_fl.layout import ParameterLayout
+from cmd_fl.payload import (
+    CMD_MODEL,
+    CMD_STATE,
+    CONFIG,
+    DENSE_MODEL,
+    METRICS,
+    MODEL_CHECKSUM,
+    N_MODES,
+    NUM_EXAMPLES,
+    STATE_VERSION,
+    CMDModel,
+    extras_nbytes,
+    load_state,
+    model_checksum,
+    save_state,
+    state_checksum,
+)
+from cmd_fl.torch_projection import EmbeddedProjector
+from cmd_fl.wire import StateDelta, pack_tensors, unpack_tensors
+
+OptimizerHook = Callable[[torch.optim.Optimizer], object]
+TrainFn = Callable[[torch.nn.Module, OptimizerHook | None], Mapping[str, float]]
+EvaluateFn = Callable[[torch.nn.Module], Mapping[str, float]]
+
+Projection = Literal["step", "round"]
+
+
+class CMDClient:
+    """Wraps a PyTorch model and the user's training function for the CMD protocol.
+
+    The client keeps its CMD state (modes, references, frozen coefficients, state version) in
+    ``context.state``, so it persists across rounds in simulation and deployment. Each training
+    message is answered with the trained free vector, the reference values, the packed extras,
+    ``num-examples``, the state version and the checksum of the model it received. Dense
+    messages (FedAvg, and CMD's warm-up) are answered densely.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its architecture must be the server's.
+    train_fn : callable ``(model, optimizer_hook) -> metrics``
+        Trains ``model`` in place and returns metrics including ``num-examples``. When
+        ``optimizer_hook`` is not None, it must be called once with the optimizer before training
+        (``step`` projection registers its hooks there).
+    projection : {"step", "round"}
+        ``step``: embedded weights stay on the CMD model during local training (gradients masked,
+        re-projected after every optimizer step). ``round``: every weight trains locally; only
+        the free weights and references are sent, and the embedded ones are re-projected from the
+        averaged references at the round boundary. Default ``step``.
+    state_key : str
+        Key of the CMD state in ``context.state``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_fn: TrainFn,
+        projection: Projection = "step",
+        state_key: str = "cmd-fl",
+    ) -> None:
+        if projection not in ("step", "round"):
+            raise ValueError(f"projection must be 'step' or 'round', got {projection!r}")
+        self.model = model
+        self.train_fn = train_fn
+        self.projection = projection
+        self.state_key = state_key
+        self.layout = ParameterLayout.from_module(model)
+        self._extras_specs = self.layout.extra_specs()
+        self._extras_bytes = extras_nbytes(self._extras_specs)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        """Answer one training message (dense or CMD)."""
+        content = msg.content
+        if CMD_MODEL in content.array_records:
+            reply = self._train_cmd(content, context)
+        elif DENSE_MODEL in content.array_records:
+            reply = self._train_dense(content)
+        else:
+            raise ValueError(
+                f"training message carries neither {DENSE_MODEL!r} nor {CMD_MODEL!r} arrays"
+            )
+        return Message(reply, reply_to=msg)
+
+    def _train_dense(self, content: RecordDict) -> RecordDict:
+        arrays = content.array_records[DENSE_MODEL]
+        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        checksum = state_checksum(self.layout, self.model.state_dict())
+        metrics = dict(self.train_fn(self.model, None))
+        metrics[MODEL_CHECKSUM] = checksum
+        return RecordDict(
+            {
+                DENSE_MODEL: ArrayRecord(self.model.state_dict()),
+                METRICS: _metric_record(metrics),
+            }
+        )
+
+    def _train_cmd(self, content: RecordDict, context: Context) -> RecordDict:
+        config = content.config_records[CONFIG]
+        state = self._synced_state(content, context)
+        model = CMDModel.from_record(
+            content.array_records[CMD_MODEL],
+            state.free_indices.size,
+            state.n_modes,
+            self._extras_bytes,
+        )
+        flat = state.assemble(model.free, model.references)
+        extras = unpack_tensors(model.extras, self._extras_specs)
+        self.layout.load_into(self.model, flat, extras)
+        checksum = model_checksum(flat, model.extras)
+        del flat, extras
+
+        projector = None
+        hook: OptimizerHook | None = None
+        if self.projection == "step" and state.n_embedded:
+            projector = EmbeddedProjector(self.model, self.layout, state)
+            hook = projector.attach
+        try:
+            metrics = dict(self.train_fn(self.model, hook))
+        finally:
+            if projector is not None:
+                projector.detach()
+
+        trained = self.model.state_dict()
+        free, refs = state.split(self.layout.flatten_numpy(trained))
+        extras_blob = pack_tensors(self.layout.extra_tensors(trained))
+        metrics[STATE_VERSION] = state.version
+        metrics[MODEL_CHECKSUM] = checksum
+        _ = config  # the round's settings are read by the app from its run config
+        return RecordDict(
+            {
+                CMD_MODEL: CMDModel(free, refs, extras_blob).to_record(),
+                METRICS: _metric_record(metrics),
+            }
+        )
+
+    def _synced_state(self, content: RecordDict, context: Context) -> EmbeddingState:
+        """The client's state brought to the server's version, or a clear error."""
+        config = content.config_records[CONFIG]
+        server_version = int(config[STATE_VERSION])  # type: ignore[arg-type]
+        state = load_state(context.state, self.state_key, self.layout.n_weights)
+        if CMD_STATE in content.array_records:
+            n_modes = int(config[N_MODES])  # type: ignore[arg-type]
+            delta = StateDelta.from_array_record(
+                content.array_records[CMD_STATE], self.layout.n_weights, n_modes
+            )
+            state = apply_delta(state, delta)
+            save_state(context.state, self.state_key, state)
+        if state is None:
+            raise ValueError("client has no CMD state and the message carries none")
+        if state.version != server_version:
+            raise ValueError(
+                f"client CMD state is at version {state.version}, the server's is {server_version}"
+            )
+        return state
+
+    def evaluate(self, msg: Message, evaluate_fn: EvaluateFn) -> Message:
+        """Answer a (dense) evaluation message with ``evaluate_fn``'s metrics."""
+        arrays = msg.content.array_records[DENSE_MODEL]
+        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        metrics = dict(evaluate_fn(self.model))
+        return Message(RecordDict({METRICS: _metric_record(metrics)}), reply_to=msg)
+
+
+def _metric_record(metrics: Mapping[str, float]) -> MetricRecord:
+    out = MetricRecord()
+    for key, value in metrics.items():
+        out[key] = int(value) if isinstance(value, int) or key == NUM_EXAMPLES else float(value)
+    return out

@@ -1,0 +1,426 @@
+"""Byte ledger: every byte that crosses between server and clients, measured on real messages.
+
+Three numbers per message, all measured on the `Message` object itself, never estimated
+from formulas:
+
+- payload: the records' own byte counts (``count_bytes()``: array data with npy headers,
+  plus keys);
+- wire: the deflated Flower objects the message travels as (Message, RecordDict, records,
+  Arrays, ArrayChunks). Flower 1.42 does not compress them; this is what the SuperLink counts
+  for object pushes (uplink) and pulls (downlink) on the Fleet API;
+- control: the Fleet API protobuf request and response that carry the message's metadata and
+  object tree (``PullMessages`` down, ``PushMessages`` up). The SuperLink counts these too, so
+  ``wire + control`` summed over a run is what ``flwr ls --run-id N`` reports as traffic.
+
+Wire bytes are the headline number.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Literal, get_args
+
+from flwr.app import Message, RecordDict
+from flwr.app.message.message import remove_content_from_message
+from flwr.common.serde import message_to_proto
+from flwr.proto.fleet_pb2 import (  # pylint: disable=no-name-in-module
+    PullMessagesRequest,
+    PullMessagesResponse,
+    PushMessagesRequest,
+    PushMessagesResponse,
+    Reconnect,
+)
+from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+from flwr.supercore.inflatable.inflatable_object import (
+    InflatableObject,
+    get_object_id,
+    get_object_tree,
+    iterate_object_tree,
+)
+
+__all__ = [
+    "ByteLedger",
+    "Direction",
+    "LedgerRow",
+    "Phase",
+    "message_control_bytes",
+    "message_payload_bytes",
+    "message_wire_bytes",
+]
+
+Phase = Literal["train", "evaluate", "query"]
+Direction = Literal["down", "up"]
+
+_PHASES: tuple[str, ...] = get_args(Phase)
+_DIRECTIONS: tuple[str, ...] = get_args(Direction)
+_SESSION_ID_LENGTH = 36  # the SuperLink's object-push session id is a uuid4 string
+_RECONNECT_SECONDS = 5  # what the SuperLink puts in every PushMessagesResponse
+
+
+def message_payload_bytes(content: RecordDict) -> int:
+    """Return the payload size of a message content: the sum of its records' ``count_bytes()``.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The message content.
+
+    Returns
+    -------
+    int
+        Bytes of array data (npy headers included), config and metric values, and keys.
+    """
+    return sum(record.count_bytes() for record in content.values())
+
+
+def _direction_of(message: Message, direction: Direction | None) -> Direction:
+    if direction is None:
+        return "up" if message.metadata.reply_to_message_id else "down"
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    return direction
+
+
+def _tree_object_sizes(obj: InflatableObject) -> Iterator[tuple[str, int]]:
+    """Yield ``(object_id, deflated size)`` of every node of `obj`'s tree, children first.
+
+    A shared object appears once per parent, as in Flower's `iterate_object_tree`.
+    """
+    for child in (obj.children or {}).values():
+        yield from _tree_object_sizes(child)
+    content = obj.deflate()
+    yield get_object_id(content), len(content)
+
+
+def message_wire_bytes(message: Message, direction: Direction | None = None) -> int:
+    """Return the bytes of deflated Flower objects that carry `message` across the Fleet API.
+
+    A downlink (instruction) message is pulled by the SuperNode node by node of its object
+    tree, so an object shared by two parents (rare: identical Arrays in two records) counts
+    twice. An uplink (reply) message is pushed once per distinct object.
+
+    Parameters
+    ----------
+    message : Message
+        The message as sent or received.
+    direction : {"down", "up"} | None, default None
+        Server-to-client or client-to-server. None: "up" when the message replies to another.
+
+    Returns
+    -------
+    int
+        Sum of ``len(obj.deflate())`` over the objects transferred.
+
+    Notes
+    -----
+    Content-addressed deduplication across messages is not modelled: if the SuperLink already
+    holds an identical object (e.g. two clients reply with the same Array in one round), it is
+    not pushed again, and this count is an upper bound.
+    """
+    sizes = list(_tree_object_sizes(message))
+    if _direction_of(message, direction) == "down":
+        return sum(size for _, size in sizes)
+    return sum(dict(sizes).values())
+
+
+def message_control_bytes(message: Message, direction: Direction | None = None) -> int:
+    """Return the bytes of the Fleet API protobufs that carry `message`'s metadata and tree.
+
+    Downlink: ``PullMessagesRequest`` plus the ``PullMessagesResponse`` holding the message.
+    Uplink: ``PushMessagesRequest`` plus ``PushMessagesResponse`` (which lists the objects to
+    push). Built as the SuperNode and SuperLink build them, with ``message_id`` set to the
+    message's object id as Flower does on the way.
+
+    Parameters
+    ----------
+    message : Message
+        The message as sent or received.
+    direction : {"down", "up"} | None, default None
+        Server-to-client or client-to-server. None: "up" when the message replies to another.
+
+    Returns
+    -------
+    int
+        Protobuf ``ByteSize()`` of the request and the response.
+    """
+    message_id = message.object_id
+    proto = message_to_proto(remove_content_from_message(message))  # a fresh proto
+    proto.metadata.message_id = message_id
+    tree = get_object_tree(message)
+    if _direction_of(message, direction) == "down":
+        pull_request = PullMessagesRequest(node=Node(node_id=message.metadata.dst_node_id))
+        pull_response = PullMessagesResponse(messages_list=[proto], message_object_trees=[tree])
+        return pull_request.ByteSize() + pull_response.ByteSize()
+    push_request = PushMessagesRequest(
+        node=Node(node_id=message.metadata.src_node_id),
+        messages_list=[proto],
+        message_object_trees=[tree],
+        clientapp_runtime_list=[0.0],  # a double: its size does not depend on the value
+    )
+    push_response = PushMessagesResponse(
+        reconnect=Reconnect(reconnect=_RECONNECT_SECONDS),
+        results={message_id: 0},
+        objects_to_push=[node.object_id for node in iterate_object_tree(tree)],
+        session_id="0" * _SESSION_ID_LENGTH,
+    )
+    return push_request.ByteSize() + push_response.ByteSize()
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    """One message that crossed between the server and one client.
+
+    Parameters
+    ----------
+    round : int
+        Server round (0 for anything before the first round).
+    phase : {"train", "evaluate", "query"}
+        Which exchange the message belongs to.
+    direction : {"down", "up"}
+        Server-to-client or client-to-server.
+    node_id : int
+        The client's node id.
+    kind : str
+        What the message carried, e.g. "model", "state", "reply".
+    payload_bytes : int
+        Records' own byte counts (`message_payload_bytes`).
+    wire_bytes : int
+        Deflated objects transferred (`message_wire_bytes`).
+    control_bytes : int, default 0
+        Fleet API protobuf request and response (`message_control_bytes`).
+    """
+
+    round: int
+    phase: str
+    direction: str
+    node_id: int
+    kind: str
+    payload_bytes: int
+    wire_bytes: int
+    control_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        """Reject rows that cannot be right."""
+        if self.phase not in _PHASES:
+            raise ValueError(f"phase must be one of {_PHASES}, got {self.phase!r}")
+        if self.direction not in _DIRECTIONS:
+            raise ValueError(f"direction must be one of {_DIRECTIONS}, got {self.direction!r}")
+        for name in ("round", "node_id", "payload_bytes", "wire_bytes", "control_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if min(self.payload_bytes, self.wire_bytes, self.control_bytes) < 0:
+            raise ValueError("byte counts must be non-negative")
+
+
+_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRow))
+_INT_COLUMNS = frozenset(
+    ("round", "node_id", "payload_bytes", "wire_bytes", "control_bytes")
+)
+_TOTAL_KEYS = (
+    "bytes_up",
+    "bytes_down",
+    "payload_up",
+    "payload_down",
+    "control_up",
+    "control_down",
+    "messages_up",
+    "messages_down",
+)
+
+
+class ByteLedger:
+    """An append-only list of `LedgerRow` with totals and CSV persistence.
+
+    Parameters
+    ----------
+    rows : Iterable[LedgerRow], default ()
+        Initial rows.
+    """
+
+    def __init__(self, rows: Iterable[LedgerRow] = ()) -> None:
+        self._rows: list[LedgerRow] = []
+        self.extend(rows)
+
+    @property
+    def rows(self) -> tuple[LedgerRow, ...]:
+        """All rows, in the order they were added."""
+        return tuple(self._rows)
+
+    def __len__(self) -> int:
+        """Return the number of rows."""
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[LedgerRow]:
+        """Iterate over the rows in order."""
+        return iter(tuple(self._rows))
+
+    def append(self, row: LedgerRow) -> None:
+        """Add one row."""
+        if not isinstance(row, LedgerRow):
+            raise TypeError(f"expected a LedgerRow, got {type(row).__name__}")
+        self._rows.append(row)
+
+    def extend(self, rows: Iterable[LedgerRow]) -> None:
+        """Add rows (e.g. another `ByteLedger`) in order."""
+        for row in rows:
+            self.append(row)
+
+    def record_message(
+        self,
+        round: int,  # noqa: A002 - the protocol's name for the server round
+        phase: Phase,
+        direction: Direction,
+        node_id: int,
+        message: Message,
+        kind: str = "message",
+    ) -> LedgerRow:
+        """Measure a real message and add its row.
+
+        Parameters
+        ----------
+        round : int
+            Server round.
+        phase : {"train", "evaluate", "query"}
+            Which exchange the message belongs to.
+        direction : {"down", "up"}
+            Server-to-client (instruction) or client-to-server (reply).
+        node_id : int
+            The client's node id.
+        message : Message
+            The message as sent or received. An error reply has no content: payload 0.
+        kind : str, default "message"
+            What the message carried.
+
+        Returns
+        -------
+        LedgerRow
+            The row added.
+        """
+        payload = message_payload_bytes(message.content) if message.has_content() else 0
+        row = LedgerRow(
+            round=int(round),
+            phase=phase,
+            direction=direction,
+            node_id=int(node_id),
+            kind=kind,
+            payload_bytes=payload,
+            wire_bytes=message_wire_bytes(message, direction),
+            control_bytes=message_control_bytes(message, direction),
+        )
+        self.append(row)
+        return row
+
+    def totals(
+        self,
+        *,
+        round: int | None = None,  # noqa: A002
+        phase: Phase | None = None,
+        node_id: int | None = None,
+    ) -> dict[str, int]:
+        """Sum the rows that match every given filter.
+
+        Parameters
+        ----------
+        round : int | None, default None
+            Only this round.
+        phase : {"train", "evaluate", "query"} | None, default None
+            Only this phase.
+        node_id : int | None, default None
+            Only this client.
+
+        Returns
+        -------
+        dict[str, int]
+            ``bytes_up``/``bytes_down`` (wire), ``payload_up``/``payload_down``,
+            ``control_up``/``control_down`` and ``messages_up``/``messages_down``.
+        """
+        out = dict.fromkeys(_TOTAL_KEYS, 0)
+        for row in self._rows:
+            if round is not None and row.round != round:
+                continue
+            if phase is not None and row.phase != phase:
+                continue
+            if node_id is not None and row.node_id != node_id:
+                continue
+            out[f"bytes_{row.direction}"] += row.wire_bytes
+            out[f"payload_{row.direction}"] += row.payload_bytes
+            out[f"control_{row.direction}"] += row.control_bytes
+            out[f"messages_{row.direction}"] += 1
+        return out
+
+    def round_totals(self, round: int) -> dict[str, int]:  # noqa: A002
+        """Return `totals` for one round."""
+        return self.totals(round=round)
+
+    def rounds(self) -> list[int]:
+        """Return the rounds that have rows, sorted."""
+        return sorted({row.round for row in self._rows})
+
+    def node_totals(self) -> dict[int, dict[str, int]]:
+        """Return `totals` per client node id, sorted by node id."""
+        return {node: self.totals(node_id=node) for node in sorted({r.node_id for r in self._rows})}
+
+    def to_rows(self) -> list[dict[str, int | str]]:
+        """Return the rows as plain dicts (JSON-ready)."""
+        return [asdict(row) for row in self._rows]
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """Write the ledger as CSV, atomically (temporary file, then rename).
+
+        Parameters
+        ----------
+        path : str | os.PathLike[str]
+            Destination file; its directory must exist.
+        """
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=_COLUMNS)
+                writer.writeheader()
+                writer.writerows(self.to_rows())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def from_csv(cls, path: str | os.PathLike[str]) -> ByteLedger:
+        """Read a ledger written by `to_csv`.
+
+        Parameters
+        ----------
+        path : str | os.PathLike[str]
+            CSV file with exactly the `LedgerRow` columns.
+
+        Returns
+        -------
+        ByteLedger
+            The rows, in file order.
+
+        Raises
+        ------
+        ValueError
+            If the header differs or a value does not parse.
+        """
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if tuple(reader.fieldnames or ()) != _COLUMNS:
+                raise ValueError(f"{path}: expected columns {_COLUMNS}, got {reader.fieldnames}")
+            rows = []
+            for line, raw in enumerate(reader, start=2):
+                try:
+                    values = {
+                        key: int(raw[key]) if key in _INT_COLUMNS else raw[key]
+                        for key in _COLUMNS
+                    }
+                    rows.append(LedgerRow(**values))  # type: ignore[arg-type]
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{path}, line {line}: {err}") from err
+        return cls(rows)

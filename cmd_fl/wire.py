@@ -1,0 +1,672 @@
+"""Wire format: how index sets, tensors and CMD state are packed into Flower records.
+
+Everything cmd-fl sends between server and clients is built and read here, so the two sides
+share one definition of each byte. Readers validate strictly and raise `WireFormatError` on
+anything malformed: a bad reply must be dropped, never averaged.
+
+Why pack: in Flower 1.42 every `Array` costs about 128 B of ``.npy`` header in the payload and
+about 250 B more of serialized objects on the wire, so small parts travel together in one
+``uint8`` blob.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+__all__ = [
+    "MAX_INDEX_UNIVERSE",
+    "MAX_MODES",
+    "StateDelta",
+    "WireFormatError",
+    "decode_index_set",
+    "encode_index_set",
+    "encode_mode_ids",
+    "from_array_record",
+    "pack_tensors",
+    "to_array_record",
+    "unpack_tensors",
+]
+
+MAX_MODES = 255
+"""Largest number of CMD modes: mode ids travel as ``uint8``."""
+
+MAX_INDEX_UNIVERSE = 2**32
+"""Largest universe of an index set (4.3 G weights); keeps varint arithmetic inside uint64."""
+
+_TAG_BITMAP = 0
+_TAG_VARINT = 1
+_MAX_VARINT_BYTES = 5  # ceil(32 / 7): enough for any value below MAX_INDEX_UNIVERSE
+
+# StateDelta blob: format version, from/to versions, then the byte length of each part.
+_STATE_FORMAT = 1
+_STATE_HEADER = struct.Struct("<BqqQQQQ")  # version, from, to, len(modes, refs, embed, release)
+_STATE_KEY = "cmd-state"
+
+
+class WireFormatError(ValueError):
+    """Raised when received bytes or records do not follow the cmd-fl wire format."""
+
+
+# --------------------------------------------------------------------------- index sets
+
+
+def _check_universe(universe: int) -> int:
+    if isinstance(universe, bool) or not isinstance(universe, (int, np.integer)):
+        raise TypeError(f"universe must be an int, got {type(universe).__name__}")
+    universe = int(universe)
+    if not 0 <= universe <= MAX_INDEX_UNIVERSE:
+        raise ValueError(f"universe must be in [0, {MAX_INDEX_UNIVERSE}], got {universe}")
+    return universe
+
+
+def _varint_encode(values: np.ndarray) -> np.ndarray:
+    """LEB128-encode ``uint64`` values below ``2**35``, vectorized."""
+    if values.size == 0:
+        return np.empty(0, dtype=np.uint8)
+    n_bytes = np.ones(values.shape, dtype=np.int64)
+    for k in range(1, _MAX_VARINT_BYTES):
+        n_bytes += values >= np.uint64(1 << (7 * k))
+    starts = np.cumsum(n_bytes) - n_bytes
+    out = np.empty(int(n_bytes.sum()), dtype=np.uint8)
+    for k in range(int(n_bytes.max())):
+        has_byte = n_bytes > k
+        chunk = (values[has_byte] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = (n_bytes[has_byte] > k + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[has_byte] + k] = (chunk | more).astype(np.uint8)
+    return out
+
+
+def _varint_decode(data: np.ndarray) -> np.ndarray:
+    """Decode a canonical LEB128 stream into ``uint64`` values, strictly."""
+    if data.size == 0:
+        return np.empty(0, dtype=np.uint64)
+    is_last = (data & 0x80) == 0
+    if not is_last[-1]:
+        raise WireFormatError("index set is truncated: the last varint has its continuation bit")
+    ends = np.flatnonzero(is_last)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    n_bytes = ends - starts + 1
+    if int(n_bytes.max()) > _MAX_VARINT_BYTES:
+        raise WireFormatError(f"index set has a varint longer than {_MAX_VARINT_BYTES} bytes")
+    if np.any((n_bytes > 1) & (data[ends] == 0)):
+        raise WireFormatError("index set has a non-canonical varint (trailing zero byte)")
+    values = np.zeros(ends.size, dtype=np.uint64)
+    for k in range(int(n_bytes.max())):
+        has_byte = n_bytes > k
+        chunk = data[starts[has_byte] + k].astype(np.uint64) & np.uint64(0x7F)
+        values[has_byte] |= chunk << np.uint64(7 * k)
+    return values
+
+
+def _as_index_array(indices: np.ndarray, universe: int, what: str) -> np.ndarray:
+    """Return `indices` as int64, checking it is a strictly increasing set in [0, universe)."""
+    arr = np.asarray(indices)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what} must have an integer dtype, got {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size:
+        if arr[0] < 0 or arr[-1] >= universe:
+            raise ValueError(f"{what} must lie in [0, {universe})")
+        if np.any(np.diff(arr) <= 0):
+            raise ValueError(f"{what} must be strictly increasing (sorted, unique)")
+    return arr
+
+
+def encode_index_set(indices: np.ndarray, universe: int) -> np.ndarray:
+    """Encode a set of indices in ``[0, universe)`` into the smaller of two forms.
+
+    The first byte is a tag. Tag 0: a bitmap of ``ceil(universe / 8)`` bytes (bit ``i % 8`` of
+    byte ``i // 8`` is set when ``i`` is in the set). Tag 1: LEB128 varints of the first index
+    and of the gaps between consecutive indices. On a tie the bitmap is used.
+
+    Parameters
+    ----------
+    indices : np.ndarray
+        Strictly increasing (sorted, unique) integer indices, 1-D; may be empty.
+    universe : int
+        Size of the index space, ``0 <= universe <= MAX_INDEX_UNIVERSE``. Both sides know it.
+
+    Returns
+    -------
+    np.ndarray
+        The encoding, ``uint8``, 1-D.
+
+    Raises
+    ------
+    ValueError
+        If `indices` is not a sorted set of integers in ``[0, universe)``.
+    """
+    universe = _check_universe(universe)
+    arr = _as_index_array(indices, universe, "indices")
+    bitmap_size = (universe + 7) // 8
+    gaps = np.diff(arr, prepend=0).astype(np.uint64)
+    varints = _varint_encode(gaps)
+    if bitmap_size <= varints.size:
+        bits = np.zeros(universe, dtype=np.uint8)
+        bits[arr] = 1
+        body = np.packbits(bits, bitorder="little")
+        return np.concatenate(([np.uint8(_TAG_BITMAP)], body)).astype(np.uint8)
+    return np.concatenate(([np.uint8(_TAG_VARINT)], varints)).astype(np.uint8)
+
+
+def decode_index_set(blob: np.ndarray | bytes, universe: int) -> np.ndarray:
+    """Decode an index set written by `encode_index_set`, validating it strictly.
+
+    Parameters
+    ----------
+    blob : np.ndarray | bytes
+        The encoding (``uint8`` array or bytes).
+    universe : int
+        Size of the index space the set was encoded for.
+
+    Returns
+    -------
+    np.ndarray
+        The indices, ``int64``, strictly increasing.
+
+    Raises
+    ------
+    WireFormatError
+        On an empty blob, an unknown tag, a bitmap of the wrong length or with bits set past
+        `universe`, a truncated or non-canonical varint, a zero gap (non-increasing) or an index
+        outside ``[0, universe)``.
+    """
+    universe = _check_universe(universe)
+    data = _as_byte_array(blob, "index set")
+    if data.size == 0:
+        raise WireFormatError("index set is empty: the tag byte is missing")
+    tag, body = int(data[0]), data[1:]
+    if tag == _TAG_BITMAP:
+        expected = (universe + 7) // 8
+        if body.size != expected:
+            raise WireFormatError(
+                f"index set bitmap has {body.size} bytes, expected {expected} "
+                f"for universe {universe}"
+            )
+        bits = np.unpackbits(body, bitorder="little")
+        if np.any(bits[universe:]):
+            raise WireFormatError(f"index set bitmap has bits set at or beyond {universe}")
+        return np.flatnonzero(bits[:universe]).astype(np.int64)
+    if tag == _TAG_VARINT:
+        gaps = _varint_decode(body)
+        if gaps.size > universe:
+            raise WireFormatError(f"index set has {gaps.size} entries, universe is {universe}")
+        if gaps.size > 1 and np.any(gaps[1:] == 0):
+            raise WireFormatError("index set is not strictly increasing (zero gap)")
+        # Each gap < 2**35 and there are at most 2**32 of them: the sum stays inside uint64.
+        indices = np.cumsum(gaps, dtype=np.uint64)
+        if indices.size and int(indices[-1]) >= universe:
+            raise WireFormatError(f"index set has an index >= universe {universe}")
+        return indices.astype(np.int64)
+    raise WireFormatError(f"index set has unknown tag {tag}")
+
+
+def _as_byte_array(blob: np.ndarray | bytes, what: str) -> np.ndarray:
+    if isinstance(blob, (bytes, bytearray, memoryview)):
+        return np.frombuffer(blob, dtype=np.uint8)
+    arr = np.asarray(blob)
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        raise WireFormatError(f"{what} must be a 1-D uint8 array, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+# --------------------------------------------------------------------------- mode ids
+
+
+def encode_mode_ids(modes: np.ndarray, n_modes: int) -> np.ndarray:
+    """Return mode ids as ``uint8`` after checking they lie in ``[0, n_modes)``.
+
+    Parameters
+    ----------
+    modes : np.ndarray
+        Integer mode id of each weight, 1-D.
+    n_modes : int
+        Number of modes M, ``1 <= M <= MAX_MODES``.
+
+    Returns
+    -------
+    np.ndarray
+        The ids, ``uint8``.
+
+    Raises
+    ------
+    ValueError
+        If M exceeds `MAX_MODES` or an id is outside ``[0, n_modes)``.
+    """
+    if not 1 <= n_modes <= MAX_MODES:
+        raise ValueError(f"n_modes must be in [1, {MAX_MODES}] (uint8 ids), got {n_modes}")
+    arr = np.asarray(modes)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"modes must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= n_modes):
+        raise ValueError(f"mode ids must lie in [0, {n_modes})")
+    return arr.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- dense tensors
+
+
+def _little_endian(dtype: np.dtype) -> np.dtype:
+    return dtype.newbyteorder("<") if dtype.byteorder != "|" else dtype
+
+
+def pack_tensors(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Concatenate the raw bytes of `arrays` (C order, little-endian) into one blob.
+
+    The receiver must know each array's shape and dtype (e.g. from the model layout) and
+    passes them to `unpack_tensors`.
+
+    Parameters
+    ----------
+    arrays : Sequence[np.ndarray]
+        Numeric or boolean arrays, any shape including 0-d.
+
+    Returns
+    -------
+    np.ndarray
+        ``uint8`` blob, 1-D.
+    """
+    parts: list[np.ndarray] = []
+    for i, array in enumerate(arrays):
+        arr = np.asarray(array)
+        if arr.dtype.hasobject or arr.dtype.kind not in "biufc":
+            raise ValueError(f"tensor {i} has unsupported dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=_little_endian(arr.dtype))
+        parts.append(arr.reshape(-1).view(np.uint8))
+    if not parts:
+        return np.empty(0, dtype=np.uint8)
+    return np.concatenate(parts)
+
+
+def unpack_tensors(
+    blob: np.ndarray | bytes, specs: Sequence[tuple[tuple[int, ...], np.dtype]]
+) -> list[np.ndarray]:
+    """Split a blob written by `pack_tensors` back into arrays.
+
+    Parameters
+    ----------
+    blob : np.ndarray | bytes
+        The packed bytes.
+    specs : Sequence[tuple[tuple[int, ...], np.dtype]]
+        ``(shape, dtype)`` of each array, in packing order.
+
+    Returns
+    -------
+    list[np.ndarray]
+        Fresh (writable, native byte order) arrays with the given shapes and dtypes.
+
+    Raises
+    ------
+    WireFormatError
+        If the blob length differs from what the specs require.
+    """
+    data = _as_byte_array(blob, "tensor blob")
+    dtypes = [np.dtype(dtype) for _, dtype in specs]
+    sizes = [int(np.prod(shape, dtype=np.int64)) * dt.itemsize for (shape, _), dt in zip(specs, dtypes)]
+    if sum(sizes) != data.size:
+        raise WireFormatError(
+            f"tensor blob has {data.size} bytes, the {len(specs)} specs need {sum(sizes)}"
+        )
+    out: list[np.ndarray] = []
+    offset = 0
+    for (shape, _), dtype, size in zip(specs, dtypes, sizes):
+        chunk = data[offset : offset + size]
+        arr = chunk.view(_little_endian(dtype)).astype(dtype).reshape(shape)
+        out.append(arr)
+        offset += size
+    return out
+
+
+# --------------------------------------------------------------------------- records
+
+
+def to_array_record(parts: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Wrap named arrays in a Flower `ArrayRecord`, keeping dtype and shape (0-d included).
+
+    Values are not checked for finiteness here: the receiver validates (`from_array_record`),
+    so a diverged client's reply is rejected by the server rather than crashing the client.
+
+    Parameters
+    ----------
+    parts : Mapping[str, np.ndarray]
+        Record key -> numeric or boolean array.
+
+    Returns
+    -------
+    ArrayRecord
+        One `flwr.app.Array` per key, in the order of `parts`.
+    """
+    arrays: dict[str, Array] = {}
+    for key, value in parts.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"record keys must be non-empty strings, got {key!r}")
+        arr = np.asarray(value)
+        if arr.dtype.hasobject or arr.dtype.kind not in "biufc":
+            raise ValueError(f"part {key!r} has unsupported dtype {arr.dtype}")
+        arrays[key] = Array(arr)
+    return ArrayRecord(arrays)
+
+
+def from_array_record(
+    record: ArrayRecord, expected: Mapping[str, tuple[np.dtype | type, int | None]]
+) -> dict[str, np.ndarray]:
+    """Read and validate the arrays of a received `ArrayRecord`.
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The received record.
+    expected : Mapping[str, tuple[np.dtype | type, int | None]]
+        Key -> ``(dtype, length)``: the record must hold exactly these keys, each array of
+        exactly this dtype and, when `length` is not None, of this many elements (flattened).
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        Key -> array as sent (shape kept), in the order of `expected`.
+
+    Raises
+    ------
+    WireFormatError
+        On missing or unknown keys, an undecodable array, a dtype or length mismatch, or a
+        NaN/Inf in a floating-point array. The message names the offending key.
+    """
+    if not isinstance(record, ArrayRecord):
+        raise WireFormatError(f"expected an ArrayRecord, got {type(record).__name__}")
+    missing = [key for key in expected if key not in record]
+    unknown = [key for key in record if key not in expected]
+    if missing or unknown:
+        raise WireFormatError(f"record keys differ: missing {missing}, unknown {unknown}")
+    out: dict[str, np.ndarray] = {}
+    for key, (dtype, length) in expected.items():
+        item = record[key]
+        try:
+            arr = item.numpy()
+        except (TypeError, ValueError, EOFError) as err:
+            raise WireFormatError(f"part {key!r} cannot be decoded: {err}") from err
+        if tuple(item.shape) != arr.shape:
+            raise WireFormatError(
+                f"part {key!r} declares shape {tuple(item.shape)} but holds {arr.shape}"
+            )
+        if arr.dtype != np.dtype(dtype):
+            raise WireFormatError(f"part {key!r} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        if length is not None and arr.size != length:
+            raise WireFormatError(f"part {key!r} has {arr.size} elements, expected {length}")
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            raise WireFormatError(f"part {key!r} has non-finite values (NaN or Inf)")
+        out[key] = arr
+    return out
+
+
+# --------------------------------------------------------------------------- CMD state
+
+
+def _empty_indices() -> np.ndarray:
+    return np.empty(0, dtype=np.int64)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class StateDelta:
+    """What a client needs to move its CMD state from one version to another.
+
+    A *full state* (``from_version == 0``: the client knows nothing) carries the mode id of
+    every weight and the reference weight of every mode, plus every weight embedded so far.
+    A delta between two known versions carries only the embedding changes. An empty delta has
+    ``from_version == to_version``.
+
+    Parameters
+    ----------
+    from_version : int
+        State version the client holds (0: none).
+    to_version : int
+        State version after applying the delta, ``>= from_version``.
+    embed_indices : np.ndarray
+        Weights embedded since `from_version`, ``int64``, strictly increasing.
+    embed_a : np.ndarray
+        Frozen scale ``a`` of each embedded weight, ``float32``, same length.
+    embed_b : np.ndarray
+        Frozen offset ``b`` of each embedded weight, ``float32``, same length.
+    release_indices : np.ndarray, default empty
+        Weights un-embedded since `from_version` (they travel in the free vector again),
+        ``int64``, strictly increasing, disjoint from `embed_indices`; empty in a full state.
+    modes : np.ndarray | None, default None
+        Mode id of every CMD weight, ``uint8``, length N; only in a full state.
+    references : np.ndarray | None, default None
+        Index of the reference weight of each mode (``references[m]`` belongs to mode ``m``),
+        ``int64``, length M; only in a full state.
+    """
+
+    from_version: int
+    to_version: int
+    embed_indices: np.ndarray
+    embed_a: np.ndarray
+    embed_b: np.ndarray
+    release_indices: np.ndarray = field(default_factory=_empty_indices)
+    modes: np.ndarray | None = None
+    references: np.ndarray | None = None
+
+    @property
+    def is_full(self) -> bool:
+        """Whether this is a full state (the client starts from nothing)."""
+        return self.from_version == 0 and self.to_version > 0
+
+    def validate(self, n_weights: int, n_modes: int) -> None:
+        """Check the delta against the model's CMD sizes.
+
+        Parameters
+        ----------
+        n_weights : int
+            Number of CMD weights N.
+        n_modes : int
+            Number of modes M.
+
+        Raises
+        ------
+        WireFormatError
+            On any inconsistency; the message says which.
+        """
+        _validate_state(self, n_weights, n_modes)
+
+    def to_array_record(self, n_weights: int, n_modes: int) -> ArrayRecord:
+        """Validate the delta and pack it into a one-array `ArrayRecord`.
+
+        Index sets travel in the compact `encode_index_set` form, the coefficients as raw
+        float32, everything in a single ``uint8`` blob (one `Array`: one npy header).
+
+        Parameters
+        ----------
+        n_weights : int
+            Number of CMD weights N (the universe of every index set).
+        n_modes : int
+            Number of modes M.
+
+        Returns
+        -------
+        ArrayRecord
+            Record to place in the message content; read it back with `from_array_record`.
+
+        Raises
+        ------
+        WireFormatError
+            If the delta is inconsistent (see `validate`).
+        """
+        _validate_state(self, n_weights, n_modes)
+        modes = b"" if self.modes is None else np.asarray(self.modes).tobytes()
+        refs = b"" if self.references is None else _encode_set(self.references, n_weights)
+        embed = _encode_set(self.embed_indices, n_weights)
+        release = _encode_set(self.release_indices, n_weights)
+        header = _STATE_HEADER.pack(
+            _STATE_FORMAT,
+            int(self.from_version),
+            int(self.to_version),
+            len(modes),
+            len(refs),
+            len(embed),
+            len(release),
+        )
+        coefficients = pack_tensors([self.embed_a, self.embed_b])
+        blob = b"".join((header, modes, refs, embed, coefficients.tobytes(), release))
+        return to_array_record({_STATE_KEY: np.frombuffer(blob, dtype=np.uint8)})
+
+    @classmethod
+    def from_array_record(cls, record: ArrayRecord, n_weights: int, n_modes: int) -> StateDelta:
+        """Read and validate a delta written by `to_array_record`.
+
+        Parameters
+        ----------
+        record : ArrayRecord
+            The received record.
+        n_weights : int
+            Number of CMD weights N (the universe of every index set).
+        n_modes : int
+            Number of modes M.
+
+        Returns
+        -------
+        StateDelta
+            The validated delta.
+
+        Raises
+        ------
+        WireFormatError
+            If the record or its blob is malformed or inconsistent with N and M.
+        """
+        blob = from_array_record(record, {_STATE_KEY: (np.dtype(np.uint8), None)})[_STATE_KEY]
+        data = blob.reshape(-1)
+        if data.size < _STATE_HEADER.size:
+            raise WireFormatError(f"state blob has {data.size} bytes, header needs more")
+        fmt, from_v, to_v, n_mode_bytes, n_ref, n_embed, n_release = _STATE_HEADER.unpack(
+            data[: _STATE_HEADER.size].tobytes()
+        )
+        if fmt != _STATE_FORMAT:
+            raise WireFormatError(f"state blob has format {fmt}, expected {_STATE_FORMAT}")
+        cursor = _STATE_HEADER.size
+
+        def take(size: int, what: str) -> np.ndarray:
+            nonlocal cursor
+            if size > data.size - cursor:
+                raise WireFormatError(f"state blob is truncated in {what}")
+            part = data[cursor : cursor + size]
+            cursor += size
+            return part
+
+        universe = _check_universe(n_weights)
+        modes = take(n_mode_bytes, "modes").copy() if n_mode_bytes else None
+        references = None
+        if n_ref:
+            ref_set = decode_index_set(take(n_ref, "references"), universe)
+            references = _order_references(ref_set, modes)
+        embed = decode_index_set(take(n_embed, "embed indices"), universe)
+        a, b = unpack_tensors(
+            take(8 * embed.size, "coefficients"),
+            [((embed.size,), np.dtype(np.float32)), ((embed.size,), np.dtype(np.float32))],
+        )
+        release = decode_index_set(take(n_release, "release indices"), universe)
+        if cursor != data.size:
+            raise WireFormatError(f"state blob has {data.size - cursor} trailing bytes")
+        delta = cls(
+            from_version=from_v,
+            to_version=to_v,
+            embed_indices=embed,
+            embed_a=a,
+            embed_b=b,
+            release_indices=release,
+            modes=modes,
+            references=references,
+        )
+        _validate_state(delta, universe, n_modes)
+        return delta
+
+
+def _encode_set(indices: np.ndarray, universe: int) -> bytes:
+    """Encode validated indices as a sorted index set (references are sorted first)."""
+    return encode_index_set(np.sort(np.asarray(indices, dtype=np.int64)), universe).tobytes()
+
+
+def _order_references(ref_set: np.ndarray, modes: np.ndarray | None) -> np.ndarray:
+    """Order the reference set by mode: ``references[modes[r]] = r``."""
+    if modes is None:
+        raise WireFormatError("state has references but no mode ids")
+    if ref_set.size and int(ref_set[-1]) >= modes.size:
+        raise WireFormatError("a reference index is outside the mode-id vector")
+    ref_modes = modes[ref_set].astype(np.int64)
+    references = np.full(ref_set.size, -1, dtype=np.int64)
+    in_range = ref_modes < ref_set.size
+    references[ref_modes[in_range]] = ref_set[in_range]
+    if not np.all(in_range) or np.any(references < 0):
+        raise WireFormatError("references do not cover each mode exactly once")
+    return references
+
+
+def _validate_state(delta: StateDelta, n_weights: int, n_modes: int) -> None:
+    """Check a `StateDelta` against N weights and M modes; raise WireFormatError if invalid."""
+    if not 1 <= n_modes <= MAX_MODES:
+        raise WireFormatError(f"n_modes must be in [1, {MAX_MODES}], got {n_modes}")
+    for name in ("from_version", "to_version"):
+        value = getattr(delta, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise WireFormatError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= delta.from_version <= delta.to_version < 2**63:
+        raise WireFormatError(
+            f"versions must satisfy 0 <= from <= to, got {delta.from_version} -> "
+            f"{delta.to_version}"
+        )
+    embed = _checked_set(delta.embed_indices, n_weights, "embed indices")
+    release = _checked_set(delta.release_indices, n_weights, "release indices")
+    # Coefficients must be float32 already: both sides must hold bitwise-equal values, so the
+    # server does the rounding once, not this module.
+    for name, coef in (("embed_a", delta.embed_a), ("embed_b", delta.embed_b)):
+        arr = np.asarray(coef)
+        if arr.dtype != np.float32 or arr.shape != embed.shape:
+            raise WireFormatError(
+                f"{name} must be float32 of length {embed.size}, got {arr.dtype} {arr.shape}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise WireFormatError(f"{name} has non-finite values (NaN or Inf)")
+    if np.intersect1d(embed, release).size:
+        raise WireFormatError("a weight is both embedded and released in one delta")
+    if delta.from_version == delta.to_version:
+        if embed.size or release.size or delta.modes is not None or delta.references is not None:
+            raise WireFormatError("an empty delta (from == to) must carry nothing")
+        return
+    if delta.from_version > 0:
+        if delta.modes is not None or delta.references is not None:
+            raise WireFormatError("mode ids and references travel only in a full state (from 0)")
+        return
+    # Full state.
+    if delta.modes is None or delta.references is None:
+        raise WireFormatError("a full state (from 0) must carry mode ids and references")
+    if release.size:
+        raise WireFormatError("a full state cannot release weights")
+    modes = np.asarray(delta.modes)
+    if modes.dtype != np.uint8 or modes.shape != (n_weights,):
+        raise WireFormatError(
+            f"mode ids must be uint8 of length {n_weights}, got {modes.dtype} {modes.shape}"
+        )
+    if modes.size and int(modes.max()) >= n_modes:
+        raise WireFormatError(f"a mode id is >= n_modes {n_modes}")
+    refs = np.asarray(delta.references)
+    if refs.dtype != np.int64 or refs.shape != (n_modes,):
+        raise WireFormatError(
+            f"references must be int64 of length {n_modes}, got {refs.dtype} {refs.shape}"
+        )
+    if refs.min() < 0 or refs.max() >= n_weights:
+        raise WireFormatError(f"a reference index is outside [0, {n_weights})")
+    if not np.array_equal(modes[refs], np.arange(n_modes)):
+        raise WireFormatError("references[m] must be a weight of mode m, for every mode")
+    if np.intersect1d(embed, refs).size:
+        raise WireFormatError("a reference weight cannot be embedded")
+
+
+def _checked_set(indices: np.ndarray, universe: int, what: str) -> np.ndarray:
+    try:
+        return _as_index_array(indices, universe, what)
+    except ValueError as err:
+        raise WireFormatError(str(err)) from err

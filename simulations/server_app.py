@@ -1,0 +1,184 @@
+"""The Flower ServerApp: FedAvg or CMD on a task, every byte metered, results written to disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from cmd_fl.layout import ParameterLayout
+from cmd_fl.ledger import ByteLedger
+from simulations.data import load_dataset
+from simulations.settings import RunSettings
+from simulations.task import build_model, evaluate
+from strategies.cmd_strategy import CMDStrategy
+from strategies.metered import MeteredFedAvg
+
+app = ServerApp()
+
+
+def make_strategy(
+    settings: RunSettings, layout: ParameterLayout, ledger: ByteLedger
+) -> MeteredFedAvg:
+    """The strategy the run config names, with its sampling and validation settings."""
+    common: dict[str, Any] = {
+        "fraction_train": settings.fraction_train,
+        "min_train_nodes": settings.min_train_nodes,
+        "min_available_nodes": settings.min_available_nodes,
+        "fraction_evaluate": settings.fraction_evaluate,
+        "min_valid_replies": settings.min_valid_replies,
+        "max_num_examples": settings.max_num_examples or None,
+    }
+    if settings.strategy == "fedavg":
+        return MeteredFedAvg(layout, ledger, **common)
+    return CMDStrategy(
+        layout,
+        ledger,
+        settings.schedule(),
+        n_modes=settings.cmd_modes,
+        n_samples=settings.cmd_samples,
+        seed=settings.seed,
+        **common,
+    )
+
+
+class RunRecorder:
+    """Evaluates the global model on the server after every round, prints progress, and keeps
+    the per-round rows of ``summary.json``."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        strategy: MeteredFedAvg,
+        ledger: ByteLedger,
+        model: torch.nn.Module,
+    ) -> None:
+        self.settings = settings
+        self.strategy = strategy
+        self.ledger = ledger
+        self.model = model
+        _, self.test_set = load_dataset(settings.dataset, settings.data_root or None)
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.time()
+
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's ``evaluate_fn``: test accuracy of the global model, plus progress output."""
+        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        metrics = evaluate(self.model, self.test_set)
+        accuracy, loss = float(metrics["accuracy"]), float(metrics["loss"])
+        if server_round == 0:
+            print(f"[cmd-fl] round 0: initial accuracy {accuracy:.4f}", flush=True)
+            return MetricRecord({"accuracy": accuracy, "loss": loss})
+        totals = self.ledger.round_totals(server_round)
+        info = self.strategy.round_info.get(server_round, {})
+        row = {
+            "round": server_round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "bytes_up": totals["bytes_up"],
+            "bytes_down": totals["bytes_down"],
+            "embedded_fraction": float(info.get("embedded_fraction", 0.0)),
+            "state_version": int(info.get("state_version", 0)),
+            "rejected_replies": sum(
+                1 for r in self.strategy.rejections if r["round"] == server_round
+            ),
+            "elapsed_s": round(time.time() - self.started, 3),
+        }
+        self.rows.append(row)
+        self._print_progress(row)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    def _print_progress(self, row: dict[str, Any]) -> None:
+        first = self.rows[0]
+        dense_round = first["bytes_up"] + first["bytes_down"]  # round 1 is dense for every method
+        spent = sum(r["bytes_up"] + r["bytes_down"] for r in self.rows)
+        saved = 1.0 - spent / (dense_round * len(self.rows)) if dense_round else 0.0
+        print(
+            f"[cmd-fl] round {row['round']}/{self.settings.num_server_rounds}: "
+            f"accuracy {row['accuracy']:.4f} | this round {row['bytes_down'] / 1e6:.3f} MB down, "
+            f"{row['bytes_up'] / 1e6:.3f} MB up | total {spent / 1e6:.2f} MB, "
+            f"{100 * saved:.1f} % saved vs dense rounds | "
+            f"embedded {100 * row['embedded_fraction']:.1f} %",
+            flush=True,
+        )
+
+
+def run(grid: Grid, settings: RunSettings) -> dict[str, Any]:
+    """Run one experiment on ``grid`` and write its results; returns the summary."""
+    random.seed(settings.seed)  # Flower samples nodes with the global RNG
+    started = time.time()
+    model = build_model(settings.dataset, seed=settings.seed)
+    layout = ParameterLayout.from_module(model)
+    ledger = ByteLedger()
+    strategy = make_strategy(settings, layout, ledger)
+    recorder = RunRecorder(settings, strategy, ledger, build_model(settings.dataset))
+    print(
+        f"[cmd-fl] {settings.strategy} on {settings.dataset}: {layout.n_weights} CMD weights, "
+        f"{settings.num_server_rounds} rounds",
+        flush=True,
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=settings.num_server_rounds,
+        evaluate_fn=recorder.evaluate,
+    )
+    summary = build_summary(settings, strategy, ledger, recorder.rows, time.time() - started)
+    out_dir = write_results(settings, summary, ledger)
+    print(f"[cmd-fl] results written to {out_dir}", flush=True)
+    return summary
+
+
+def build_summary(
+    settings: RunSettings,
+    strategy: MeteredFedAvg,
+    ledger: ByteLedger,
+    rows: list[dict[str, Any]],
+    wall_time_s: float,
+) -> dict[str, Any]:
+    """The content of ``summary.json``."""
+    totals = ledger.totals()
+    run_name = settings.run_name or (
+        f"{settings.strategy}-{settings.dataset}-{settings.partitioning}-s{settings.seed}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    return {
+        "run_name": run_name,
+        "strategy": settings.strategy,
+        "config": settings.to_run_config(),
+        "n_weights": strategy.layout.n_weights,
+        "rounds": rows,
+        "total_bytes_up": totals["bytes_up"],
+        "total_bytes_down": totals["bytes_down"],
+        "total_payload_up": totals["payload_up"],
+        "total_payload_down": totals["payload_down"],
+        "final_accuracy": rows[-1]["accuracy"] if rows else None,
+        "rejected_replies": {"total": len(strategy.rejections), "replies": strategy.rejections},
+        "wall_time_s": round(wall_time_s, 3),
+    }
+
+
+def write_results(settings: RunSettings, summary: dict[str, Any], ledger: ByteLedger) -> Path:
+    """Write ``summary.json`` and ``ledger.csv`` atomically under results-dir/run-name/."""
+    out_dir = settings.results_root() / summary["run_name"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ledger.to_csv(out_dir / "ledger.csv")
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(summary, handle, indent=2)
+    os.replace(tmp, out_dir / "summary.json")
+    return out_dir
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point: read the run config and run."""
+    run(grid, RunSettings.from_run_config(dict(context.run_config)))

@@ -1,0 +1,121 @@
+"""The run configuration of the Flower apps: one typed, validated place for every key."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from cmd_fl.embedding import EmbeddingSchedule
+
+STRATEGIES = ("fedavg", "cmd")
+PARTITIONINGS = ("iid", "dirichlet")
+PROJECTIONS = ("step", "round")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every run-config key of ``[tool.flwr.app.config]``, in snake case.
+
+    The defaults are the README's main job: a CMD simulation on Fashion-MNIST (20,000 training
+    images over 10 IID clients, a 65,558-weight CNN) that finishes in a few minutes on 2 CPU
+    cores. CMD's schedule (F = 5, L = 1, P = 10 %, M = 10, at most 80 % embedded) is the one the
+    study in ``shared/docs/cmd-method.md`` measured to keep FedAvg's accuracy over 40 rounds.
+    """
+
+    strategy: str = "cmd"
+    num_server_rounds: int = 30
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    fraction_evaluate: float = 0.0  # server-side evaluation: no model travels for it
+    local_epochs: int = 1
+    learning_rate: float = 0.05
+    momentum: float = 0.0
+    batch_size: int = 32
+    seed: int = 0
+    dataset: str = "fashion-mnist"
+    data_root: str = ""  # "" = $CMD_FL_DATA or ~/.cache/cmd-fl/data
+    train_subset: int = 20000  # training images shared by all partitions; 0 = the whole set
+    partitioning: str = "iid"
+    dirichlet_alpha: float = 0.5
+    num_partitions: int = 10
+    cmd_modes: int = 10
+    cmd_samples: int = 1000
+    cmd_warmup: int = 5
+    cmd_embed_every: int = 1
+    cmd_embed_percent: float = 10.0
+    cmd_embed_relative: bool = False
+    cmd_max_embedded: float = 0.8
+    cmd_projection: str = "step"
+    min_valid_replies: int = 1
+    max_num_examples: int = 0  # 0 = no bound
+    results_dir: str = ""  # absolute; "" = $CMD_FL_RESULTS or ~/cmd-fl-results
+    run_name: str = ""  # "" = <strategy>-<dataset>-<partitioning>-s<seed>-<time>
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}"),
+            (self.partitioning in PARTITIONINGS, f"partitioning must be one of {PARTITIONINGS}"),
+            (self.cmd_projection in PROJECTIONS, f"cmd-projection must be one of {PROJECTIONS}"),
+            (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
+            (0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]"),
+            (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),
+            (self.local_epochs >= 1, "local-epochs must be >= 1"),
+            (self.batch_size >= 1, "batch-size must be >= 1"),
+            (self.learning_rate > 0, "learning-rate must be > 0"),
+            (self.num_partitions >= 1, "num-partitions must be >= 1"),
+            (self.dirichlet_alpha > 0, "dirichlet-alpha must be > 0"),
+            (1 <= self.cmd_modes <= 255, "cmd-modes must be in [1, 255]"),
+            (self.train_subset >= 0, "train-subset must be >= 0"),
+            (
+                not self.results_dir or os.path.isabs(self.results_dir),
+                "results-dir must be absolute",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"bad run config: {message}")
+        self.schedule()  # validates the CMD schedule keys
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
+        """Settings from Flower's ``context.run_config`` (kebab-case keys); unknown keys fail."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ValueError(f"unknown run-config keys: {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            field = known[key]
+            kind = type(getattr(cls, field.name))
+            try:
+                if kind is bool and isinstance(value, str):
+                    values[field.name] = value.lower() in ("1", "true", "yes")
+                else:
+                    values[field.name] = kind(value)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"run-config key {key!r}: cannot read {value!r}: {err}") from err
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case run config these settings come from."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def schedule(self) -> EmbeddingSchedule:
+        """The CMD embedding schedule."""
+        return EmbeddingSchedule(
+            warmup=self.cmd_warmup,
+            every=self.cmd_embed_every,
+            percent=self.cmd_embed_percent,
+            relative=self.cmd_embed_relative,
+            max_fraction=self.cmd_max_embedded,
+        )
+
+    def results_root(self) -> Path:
+        """Absolute folder under which each run writes its own folder."""
+        if self.results_dir:
+            return Path(self.results_dir)
+        default = os.environ.get("CMD_FL_RESULTS", str(Path.home() / "cmd-fl-results"))
+        return Path(default).expanduser().absolute()

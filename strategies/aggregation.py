@@ -1,0 +1,41 @@
+"""Weighted averaging of arrays, shared by every strategy so all paths average alike."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def weighted_average(
+    arrays: Sequence[Sequence[np.ndarray]], weights: Sequence[float]
+) -> list[np.ndarray]:
+    """Average lists of arrays, one list per client, weighted by ``weights``.
+
+    Sums run in float64; each result gets back its input's dtype (integers rounded), so integer
+    buffers such as BatchNorm's ``num_batches_tracked`` stay integers.
+
+    Parameters
+    ----------
+    arrays : sequence of sequences of ndarray
+        ``arrays[c][k]`` is client c's k-th array; every client has the same shapes and dtypes.
+    weights : sequence of float
+        Positive weight of each client (its number of examples).
+    """
+    if not arrays:
+        raise ValueError("nothing to average")
+    if len(arrays) != len(weights):
+        raise ValueError(f"{len(arrays)} clients but {len(weights)} weights")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError("weights must sum to a positive number")
+    factors = [float(w) / total for w in weights]
+    out: list[np.ndarray] = []
+    for k, first in enumerate(arrays[0]):
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for client, factor in zip(arrays, factors, strict=True):
+            acc += client[k].astype(np.float64, copy=False) * factor
+        if np.issubdtype(first.dtype, np.integer):
+            acc = np.rint(acc)
+        out.append(acc.astype(first.dtype))
+    return out

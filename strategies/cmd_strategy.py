@@ -1,0 +1,231 @@
+"""The CMD strategy: FedAvg during warm-up, then embedded CMD with a compact wire format."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from cmd_fl.embedding import (
+    EmbeddingHistory,
+    EmbeddingSchedule,
+    EmbeddingSelector,
+    EmbeddingState,
+    embedding_event,
+)
+from cmd_fl.layout import ParameterLayout
+from cmd_fl.ledger import ByteLedger
+from cmd_fl.online import OnlineCMD
+from cmd_fl.payload import (
+    CMD_MODEL,
+    CMD_STATE,
+    CONFIG,
+    N_MODES,
+    STATE_VERSION,
+    CMDModel,
+    extras_nbytes,
+    model_checksum,
+)
+from cmd_fl.wire import pack_tensors, unpack_tensors
+from strategies.aggregation import weighted_average
+from strategies.metered import MeteredFedAvg, ParsedReply, RejectedReply
+
+logger = logging.getLogger("flwr.cmd_fl")
+
+
+class CMDStrategy(MeteredFedAvg):
+    """Federated embedded CMD (see ``shared/docs/fl-protocol.md``).
+
+    Rounds 1..F are FedAvg and the server keeps the global snapshots w(0..F). After round F,
+    post-hoc CMD fixes the modes and references (state version 1); every later round updates the
+    coefficients online, and every L rounds an embedding event freezes the most stable weights.
+    From round F + 1 on, messages carry only the free weights, the M reference values and the
+    packed extras, plus a state delta for nodes whose state version is behind. The server
+    rebuilds the embedded weights from the averaged references with the same float32 arithmetic
+    as the clients, so both hold bitwise the same model.
+
+    Parameters
+    ----------
+    layout : ParameterLayout
+        The model's layout.
+    ledger : ByteLedger
+        Where every message's bytes are recorded.
+    schedule : EmbeddingSchedule
+        Warm-up F, event interval L, percent P, cap on the embedded share.
+    n_modes : int
+        M, the largest number of modes. Default 10.
+    n_samples : int
+        K, weights sampled for clustering. Default 1000.
+    seed : int
+        Seed of the clustering sample. Default 0.
+    **kwargs
+        Passed to :class:`MeteredFedAvg` (sampling, validation bounds).
+    """
+
+    def __init__(
+        self,
+        layout: ParameterLayout,
+        ledger: ByteLedger,
+        schedule: EmbeddingSchedule,
+        n_modes: int = 10,
+        n_samples: int = 1000,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(layout, ledger, **kwargs)
+        self.schedule = schedule
+        self.online = OnlineCMD(n_modes, schedule.warmup, n_samples, seed, layout)
+        self.state: EmbeddingState | None = None
+        self.history: EmbeddingHistory | None = None
+        self.selector: EmbeddingSelector | None = None
+        self.node_versions: dict[int, int] = {}
+        self.global_flat: np.ndarray | None = None
+        self.global_extras: list[np.ndarray] = []
+        self._extras_specs = layout.extra_specs()
+        self._extras_bytes = extras_nbytes(self._extras_specs)
+
+    @property
+    def cmd_active(self) -> bool:
+        """True once warm-up is over and messages use the CMD format."""
+        return self.state is not None
+
+    # --- sending ------------------------------------------------------------------------------
+    def train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        """Dense messages in warm-up; afterwards the free vector, references and state deltas."""
+        if self.global_flat is None:  # the first round: w(0) is the first snapshot
+            self._set_global(arrays)
+            assert self.global_flat is not None
+            self.online.update(self.global_flat)
+        if self.state is None:
+            return super().train_messages(server_round, arrays, config, node_ids)
+        assert self.global_flat is not None and self.history is not None
+        free, refs = self.state.split(self.global_flat)
+        extras = pack_tensors(self.global_extras)
+        self._sent_checksum[server_round] = model_checksum(self.global_flat, extras)
+        model_record = CMDModel(free, refs, extras).to_record()
+        config[STATE_VERSION] = self.state.version
+        config[N_MODES] = self.state.n_modes
+        messages = []
+        for node in node_ids:
+            content = RecordDict({CMD_MODEL: model_record, CONFIG: config})
+            known = self.node_versions.get(node, 0)
+            if known < self.state.version:
+                delta = self.history.delta(self.state, known)
+                content[CMD_STATE] = delta.to_array_record(self.state.n_weights, self.state.n_modes)
+            messages.append(
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            )
+        return messages
+
+    # --- receiving ----------------------------------------------------------------------------
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        """Validate and average, rebuild the embedded weights, update CMD, run events."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            if self.state is None:
+                self._set_global(arrays)
+            assert self.global_flat is not None
+            self.online.update(self.global_flat)
+            if self.state is None and self.online.ready:
+                self._start_embedding(server_round)
+            elif self.state is not None and self.schedule.is_event(server_round):
+                self._embedding_event(server_round)
+            arrays = self.global_arrays()
+        self.round_info[server_round] = {
+            "embedded_fraction": 0.0 if self.state is None else self.state.embedded_fraction,
+            "state_version": 0 if self.state is None else self.state.version,
+            "n_free": self.layout.n_weights if self.state is None else self.state.free_indices.size,
+        }
+        return arrays, metrics
+
+    def parse_train_reply(self, server_round: int, reply: Message) -> ParsedReply:
+        """Dense replies in warm-up; CMD replies must match this round's state exactly."""
+        if self.state is None:
+            return super().parse_train_reply(server_round, reply)
+        content = self.reply_content(reply)
+        metrics = self.reply_metrics(server_round, content)
+        version = metrics.pop(STATE_VERSION, None)
+        if version != self.state.version:
+            raise RejectedReply(
+                f"trained with state version {version}, the round's is {self.state.version}"
+            )
+        if set(content.array_records) != {CMD_MODEL}:
+            raise RejectedReply(
+                f"array records {sorted(content.array_records)}, expected cmd-model"
+            )
+        model = CMDModel.from_record(
+            content.array_records[CMD_MODEL],
+            self.state.free_indices.size,
+            self.state.n_modes,
+            self._extras_bytes,
+        )
+        extras = unpack_tensors(model.extras, self._extras_specs)
+        for value in extras:
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                raise RejectedReply("extras hold NaN or Inf")
+        self.node_versions[reply.metadata.src_node_id] = self.state.version
+        return ParsedReply(
+            reply.metadata.src_node_id,
+            metrics.pop("num-examples"),
+            [model.free, model.references, *extras],
+            metrics,
+        )
+
+    def aggregate_replies(self, server_round: int, replies: list[ParsedReply]) -> ArrayRecord:
+        """Average; in the CMD phase rebuild the full model from the averaged parts."""
+        if self.state is None:
+            return super().aggregate_replies(server_round, replies)
+        averaged = weighted_average([r.arrays for r in replies], [r.num_examples for r in replies])
+        free, refs, *extras = averaged
+        self.global_flat = self.state.assemble(free, refs)
+        self.global_extras = extras
+        return self.global_arrays()
+
+    def reject(self, server_round: int, node_id: int, reason: str) -> None:
+        """Drop the reply; a node that failed is sent a full state next time."""
+        super().reject(server_round, node_id, reason)
+        self.node_versions.pop(node_id, None)
+
+    # --- CMD bookkeeping ----------------------------------------------------------------------
+    def _start_embedding(self, server_round: int) -> None:
+        fit = self.online.fit
+        self.state = EmbeddingState(fit.modes, fit.references, version=1)
+        self.history = EmbeddingHistory(self.state)
+        self.selector = EmbeddingSelector(self.schedule, fit)
+        sizes = np.bincount(fit.modes, minlength=fit.n_modes)
+        logger.info(
+            "round %d: CMD warm-up done: %d modes (sizes %s), state version 1",
+            server_round,
+            fit.n_modes,
+            sizes.tolist(),
+        )
+
+    def _embedding_event(self, server_round: int) -> None:
+        assert self.state is not None and self.selector is not None and self.history is not None
+        assert self.global_flat is not None
+        chosen = embedding_event(self.selector, self.online.fit, self.state)
+        if chosen.size:
+            self.history.record(self.state.version, chosen)
+            self.state.project(self.global_flat)
+        logger.info(
+            "round %d: embedding event: %d weights embedded now, %.1f %% in all (version %d)",
+            server_round,
+            chosen.size,
+            100 * self.state.embedded_fraction,
+            self.state.version,
+        )
+
+    def _set_global(self, arrays: ArrayRecord) -> None:
+        state = {key: arr.numpy() for key, arr in arrays.items()}
+        self.global_flat = self.layout.flatten_numpy(state).astype(np.float32)
+        self.global_extras = self.layout.extra_tensors(state)
+
+    def global_arrays(self) -> ArrayRecord:
+        """The current global model as a dense ArrayRecord (for server-side evaluation)."""
+        assert self.global_flat is not None
+        state = self.layout.state_dict(self.global_flat.copy(), self.global_extras)
+        return ArrayRecord({key: Array(value.numpy()) for key, value in state.items()})

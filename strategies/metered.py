@@ -1,0 +1,270 @@
+"""FedAvg with a byte ledger, reply validation, and model checksums: the baseline and the base
+of every cmd-fl strategy."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from cmd_fl.layout import ParameterLayout
+from cmd_fl.ledger import ByteLedger
+from cmd_fl.payload import (
+    CONFIG,
+    DENSE_MODEL,
+    METRICS,
+    MODEL_CHECKSUM,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    state_checksum,
+)
+from cmd_fl.wire import WireFormatError, from_array_record
+from strategies.aggregation import weighted_average
+
+logger = logging.getLogger("flwr.cmd_fl")
+
+
+class RejectedReply(ValueError):
+    """A client reply that must not be aggregated; the message says why."""
+
+
+@dataclass
+class ParsedReply:
+    """A validated training reply."""
+
+    node_id: int
+    num_examples: float
+    arrays: list[np.ndarray]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class MeteredFedAvg(FedAvg):
+    """FedAvg whose every message is measured, and whose replies are validated before averaging.
+
+    Replies that are errors, malformed (keys, shapes, dtypes, NaN/Inf), trained on a different
+    model than the one sent (checksum), or that claim a non-positive or too large number of
+    examples are dropped with a logged reason and listed in ``rejections``; they never touch the
+    model. A round with fewer than ``min_valid_replies`` valid replies keeps the previous model.
+
+    Parameters
+    ----------
+    layout : ParameterLayout
+        The model's layout (for checksums and validation).
+    ledger : ByteLedger
+        Where every message's bytes are recorded.
+    fraction_train : float
+        Share of connected nodes sampled for training each round. Default 1.0.
+    min_train_nodes : int
+        Fewest nodes sampled for training. Default 2.
+    min_available_nodes : int
+        Nodes that must be connected before a round starts. Default 2.
+    fraction_evaluate : float
+        Share of nodes for client-side evaluation. Default 0.0: evaluation runs on the server
+        (``evaluate_fn``), so no model is sent for it.
+    min_evaluate_nodes : int
+        Fewest nodes sampled for client-side evaluation. Default 0.
+    min_valid_replies : int
+        Fewest valid replies to update the model. Default 1.
+    max_num_examples : int or None
+        Replies claiming more examples are rejected. Default None (no bound).
+    """
+
+    def __init__(
+        self,
+        layout: ParameterLayout,
+        ledger: ByteLedger,
+        *,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        fraction_evaluate: float = 0.0,
+        min_evaluate_nodes: int = 0,
+        min_valid_replies: int = 1,
+        max_num_examples: int | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+        )
+        self.layout = layout
+        self.ledger = ledger
+        self.min_valid_replies = min_valid_replies
+        self.max_num_examples = max_num_examples
+        self.rejections: list[dict[str, Any]] = []
+        self.round_info: dict[int, dict[str, Any]] = {}
+        self._global: ArrayRecord | None = None
+        self._sent_checksum: dict[int, int] = {}
+
+    # --- sampling and sending -----------------------------------------------------------------
+    def sample_train_nodes(self, grid: Grid) -> list[int]:
+        """Sample this round's training nodes as FedAvg does."""
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        sample_size = max(num_nodes, self.min_train_nodes)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        return sorted(node_ids)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes and build (and meter) one training message per node."""
+        if self.fraction_train == 0.0:
+            return []
+        node_ids = self.sample_train_nodes(grid)
+        config[SERVER_ROUND] = server_round
+        messages = self.train_messages(server_round, arrays, config, node_ids)
+        for message in messages:
+            self.ledger.record_message(
+                server_round, "train", "down", message.metadata.dst_node_id, message
+            )
+        logger.info("round %d: sent %d training messages", server_round, len(messages))
+        return messages
+
+    def train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        """Dense FedAvg messages: the whole model to every node."""
+        self._global = arrays
+        self._sent_checksum[server_round] = state_checksum(
+            self.layout, {key: arr.numpy() for key, arr in arrays.items()}
+        )
+        content = RecordDict({DENSE_MODEL: arrays, CONFIG: config})
+        return [
+            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            for node in node_ids
+        ]
+
+    # --- receiving ----------------------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Meter, validate and average the replies; None keeps the previous model."""
+        accepted: list[ParsedReply] = []
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            self.ledger.record_message(server_round, "train", "up", node_id, reply)
+            try:
+                accepted.append(self.parse_train_reply(server_round, reply))
+            except (RejectedReply, WireFormatError, KeyError, TypeError, ValueError) as err:
+                self.reject(server_round, node_id, str(err))
+        if len(accepted) < max(1, self.min_valid_replies):
+            logger.warning(
+                "round %d: %d valid replies (< %d): the model is unchanged",
+                server_round,
+                len(accepted),
+                max(1, self.min_valid_replies),
+            )
+            return None, None
+        weights = [r.num_examples for r in accepted]
+        arrays = self.aggregate_replies(server_round, accepted)
+        metrics = MetricRecord({NUM_EXAMPLES: int(sum(weights)), "num-replies": len(accepted)})
+        keys = sorted(set.intersection(*(set(r.metrics) for r in accepted)))
+        for key in keys:
+            values = [r.metrics[key] for r in accepted]
+            metrics[key] = float(np.average(values, weights=weights))
+        return arrays, metrics
+
+    def reject(self, server_round: int, node_id: int, reason: str) -> None:
+        """Log and record a dropped reply."""
+        logger.warning("round %d: rejected reply from node %d: %s", server_round, node_id, reason)
+        self.rejections.append({"round": server_round, "node_id": node_id, "reason": reason})
+
+    def parse_train_reply(self, server_round: int, reply: Message) -> ParsedReply:
+        """Validate a dense reply against the global model sent this round."""
+        content = self.reply_content(reply)
+        metrics = self.reply_metrics(server_round, content)
+        if self._global is None:
+            raise RejectedReply("no model was sent this round")
+        expected = {
+            key: (arr.numpy().dtype, int(np.prod(arr.shape, dtype=np.int64)))
+            for key, arr in self._global.items()
+        }
+        if set(content.array_records) != {DENSE_MODEL}:
+            raise RejectedReply(f"array records {sorted(content.array_records)}, expected arrays")
+        parts = from_array_record(content.array_records[DENSE_MODEL], expected)
+        arrays = []
+        for key, arr in self._global.items():
+            if tuple(parts[key].shape) != tuple(arr.shape):
+                raise RejectedReply(f"array {key!r} has shape {parts[key].shape}")
+            arrays.append(parts[key])
+        return ParsedReply(reply.metadata.src_node_id, metrics.pop(NUM_EXAMPLES), arrays, metrics)
+
+    def reply_content(self, reply: Message) -> RecordDict:
+        """The content of a reply that is not an error."""
+        if reply.has_error():
+            raise RejectedReply(f"client error: {reply.error.reason}")
+        return reply.content
+
+    def reply_metrics(self, server_round: int, content: RecordDict) -> dict[str, float]:
+        """Validated metrics of a reply: num-examples and the checksum of the model trained."""
+        if METRICS not in content.metric_records:
+            raise RejectedReply("reply has no metrics record")
+        raw = content.metric_records[METRICS]
+        metrics: dict[str, float] = {}
+        for key, value in raw.items():
+            if isinstance(value, list) or isinstance(value, bool):
+                continue
+            if not np.isfinite(float(value)):
+                raise RejectedReply(f"metric {key!r} is not finite")
+            metrics[key] = float(value)
+        examples = metrics.get(NUM_EXAMPLES)
+        if examples is None or examples <= 0:
+            raise RejectedReply(f"num-examples must be positive, got {examples}")
+        if self.max_num_examples is not None and examples > self.max_num_examples:
+            raise RejectedReply(f"num-examples {examples:g} exceeds {self.max_num_examples}")
+        checksum = raw.get(MODEL_CHECKSUM)
+        sent = self._sent_checksum.get(server_round)
+        if sent is not None and checksum != sent:
+            raise RejectedReply(
+                f"client trained on a different model (checksum {checksum} != {sent})"
+            )
+        metrics.pop(MODEL_CHECKSUM, None)
+        return metrics
+
+    def aggregate_replies(self, server_round: int, replies: list[ParsedReply]) -> ArrayRecord:
+        """Weighted average of dense replies, dtypes kept."""
+        assert self._global is not None
+        averaged = weighted_average([r.arrays for r in replies], [r.num_examples for r in replies])
+        return ArrayRecord(
+            {key: Array(value) for key, value in zip(self._global.keys(), averaged, strict=True)}
+        )
+
+    # --- evaluation (metered; off by default) -------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's client evaluation, metered (off unless fraction_evaluate > 0)."""
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        for message in messages:
+            self.ledger.record_message(
+                server_round, "evaluate", "down", message.metadata.dst_node_id, message
+            )
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """FedAvg's metric aggregation, metered; error replies are logged and skipped."""
+        replies = list(replies)
+        for reply in replies:
+            self.ledger.record_message(
+                server_round, "evaluate", "up", reply.metadata.src_node_id, reply
+            )
+        return super().aggregate_evaluate(server_round, replies)
