@@ -7,6 +7,7 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,19 @@ class RunRecorder:
         )
 
 
-def run(grid: Grid, settings: RunSettings) -> dict[str, Any]:
-    """Run one experiment on ``grid`` and write its results; returns the summary."""
+@dataclass
+class RunOutcome:
+    """What a run leaves behind (the summary is also on disk)."""
+
+    summary: dict[str, Any]
+    strategy: MeteredFedAvg
+    ledger: ByteLedger
+    out_dir: Path
+    final_arrays: ArrayRecord
+
+
+def run(grid: Grid, settings: RunSettings) -> RunOutcome:
+    """Run one experiment on ``grid`` and write its results."""
     random.seed(settings.seed)  # Flower samples nodes with the global RNG
     started = time.time()
     model = build_model(settings.dataset, seed=settings.seed)
@@ -125,7 +137,7 @@ def run(grid: Grid, settings: RunSettings) -> dict[str, Any]:
         f"{settings.num_server_rounds} rounds",
         flush=True,
     )
-    strategy.start(
+    result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=settings.num_server_rounds,
@@ -134,7 +146,7 @@ def run(grid: Grid, settings: RunSettings) -> dict[str, Any]:
     summary = build_summary(settings, strategy, ledger, recorder.rows, time.time() - started)
     out_dir = write_results(settings, summary, ledger)
     print(f"[cmd-fl] results written to {out_dir}", flush=True)
-    return summary
+    return RunOutcome(summary, strategy, ledger, out_dir, result.arrays)
 
 
 def build_summary(

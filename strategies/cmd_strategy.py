@@ -105,7 +105,7 @@ class CMDStrategy(MeteredFedAvg):
         assert self.global_flat is not None and self.history is not None
         free, refs = self.state.split(self.global_flat)
         extras = pack_tensors(self.global_extras)
-        self._sent_checksum[server_round] = model_checksum(self.global_flat, extras)
+        self.sent_checksums[server_round] = model_checksum(self.global_flat, extras)
         model_record = CMDModel(free, refs, extras).to_record()
         config[STATE_VERSION] = self.state.version
         config[N_MODES] = self.state.n_modes

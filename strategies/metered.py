@@ -111,7 +111,7 @@ class MeteredFedAvg(FedAvg):
         self.rejections: list[dict[str, Any]] = []
         self.round_info: dict[int, dict[str, Any]] = {}
         self._global: ArrayRecord | None = None
-        self._sent_checksum: dict[int, int] = {}
+        self.sent_checksums: dict[int, int] = {}
 
     # --- sampling and sending -----------------------------------------------------------------
     def sample_train_nodes(self, grid: Grid) -> list[int]:
@@ -128,6 +128,9 @@ class MeteredFedAvg(FedAvg):
         if self.fraction_train == 0.0:
             return []
         node_ids = self.sample_train_nodes(grid)
+        # A copy per round: messages already sent must not change when the next round's
+        # config is written (Flower passes the same ConfigRecord every round).
+        config = ConfigRecord(dict(config.items()))
         config[SERVER_ROUND] = server_round
         messages = self.train_messages(server_round, arrays, config, node_ids)
         for message in messages:
@@ -142,7 +145,7 @@ class MeteredFedAvg(FedAvg):
     ) -> list[Message]:
         """Dense FedAvg messages: the whole model to every node."""
         self._global = arrays
-        self._sent_checksum[server_round] = state_checksum(
+        self.sent_checksums[server_round] = state_checksum(
             self.layout, {key: arr.numpy() for key, arr in arrays.items()}
         )
         content = RecordDict({DENSE_MODEL: arrays, CONFIG: config})
@@ -230,7 +233,7 @@ class MeteredFedAvg(FedAvg):
         if self.max_num_examples is not None and examples > self.max_num_examples:
             raise RejectedReply(f"num-examples {examples:g} exceeds {self.max_num_examples}")
         checksum = raw.get(MODEL_CHECKSUM)
-        sent = self._sent_checksum.get(server_round)
+        sent = self.sent_checksums.get(server_round)
         if sent is not None and checksum != sent:
             raise RejectedReply(
                 f"client trained on a different model (checksum {checksum} != {sent})"
