@@ -231,11 +231,24 @@ class EmbeddingState:
         return other
 
 
-class EmbeddingSelector:
-    """Chooses which weights an event embeds: the paper's rule, smallest change of (a, b).
+SELECTION_RULES = ("stability", "stability+fit")
 
-    The stability of weight i is ``||(a_i, b_i)(now) - (a_i, b_i)(previous event)||_2``; at the
-    first event the previous coefficients are those of the warm-up fit.
+
+class EmbeddingSelector:
+    """Chooses which weights an event embeds.
+
+    Rules:
+
+    - ``"stability"`` (the paper's): the smallest change of the coefficients since the previous
+      event, ``||(a_i, b_i)(now) - (a_i, b_i)(previous event)||_2``; at the first event the
+      previous coefficients are the warm-up fit's.
+    - ``"stability+fit"``: stable is not well fitted (see ``shared/docs/cmd-method.md``), so
+      candidates are ranked by the sum of two percentile ranks among the candidates: their
+      stability and the relative residual of their affine fit (``CMDFit.residual``). A weight
+      must be both stable and well fitted to be embedded first.
+
+    Whatever the rule, candidates with ``|a| > max_abs_a`` (hypersensitive to their reference)
+    or a relative residual above ``max_residual`` are never embedded.
 
     Parameters
     ----------
@@ -243,10 +256,28 @@ class EmbeddingSelector:
         Quota and cap per event.
     start_fit : CMDFit
         The fit at the end of warm-up.
+    rule : str
+        ``"stability"`` or ``"stability+fit"``. Default ``"stability"``.
+    max_abs_a : float or None
+        Bound on ``|a|`` of embedded weights. Default None (no bound).
+    max_residual : float or None
+        Bound on the relative fit residual of embedded weights. Default None (no bound).
     """
 
-    def __init__(self, schedule: EmbeddingSchedule, start_fit: CMDFit) -> None:
+    def __init__(
+        self,
+        schedule: EmbeddingSchedule,
+        start_fit: CMDFit,
+        rule: str = "stability",
+        max_abs_a: float | None = None,
+        max_residual: float | None = None,
+    ) -> None:
+        if rule not in SELECTION_RULES:
+            raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
         self.schedule = schedule
+        self.rule = rule
+        self.max_abs_a = max_abs_a
+        self.max_residual = max_residual
         self._last_a = start_fit.a.astype(np.float32)
         self._last_b = start_fit.b.astype(np.float32)
 
@@ -256,8 +287,28 @@ class EmbeddingSelector:
         db = fit.b - self._last_b
         return np.hypot(da, db)
 
+    def eligible(self, fit: CMDFit, candidates: np.ndarray) -> np.ndarray:
+        """The candidates that pass the finiteness, |a| and residual bounds."""
+        a = fit.a[candidates]
+        keep = np.isfinite(a) & np.isfinite(fit.b[candidates])
+        if self.max_abs_a is not None:
+            keep &= np.abs(a) <= self.max_abs_a
+        if self.max_residual is not None:
+            if fit.residual is None:
+                raise ValueError("max_residual needs a fit with residuals")
+            keep &= fit.residual[candidates] <= self.max_residual
+        return candidates[keep]
+
+    def score(self, fit: CMDFit, candidates: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        """Lower is embedded first."""
+        if self.rule == "stability":
+            return delta[candidates]
+        if fit.residual is None:
+            raise ValueError("the stability+fit rule needs a fit with residuals")
+        return _percentile_rank(delta[candidates]) + _percentile_rank(fit.residual[candidates])
+
     def select(self, fit: CMDFit, state: EmbeddingState) -> np.ndarray:
-        """Sorted indices the event embeds (the quota's most stable candidates), and remember
+        """Sorted indices the event embeds (the quota's best-scored candidates), and remember
         this event's coefficients for the next one."""
         quota = self.schedule.quota(state.n_weights, state.n_modes, state.n_embedded)
         delta = self.stability(fit)
@@ -265,16 +316,21 @@ class EmbeddingSelector:
         self._last_b = fit.b.astype(np.float32)
         if quota == 0:
             return np.empty(0, dtype=np.int64)
-        candidates = state.free_indices
-        finite = np.isfinite(fit.a[candidates]) & np.isfinite(fit.b[candidates])
-        candidates = candidates[finite]
-        score = delta[candidates]
+        candidates = self.eligible(fit, state.free_indices)
+        score = self.score(fit, candidates, delta)
         quota = min(quota, candidates.size)
         if quota < candidates.size:
             pick = np.argpartition(score, quota - 1)[:quota]
         else:
             pick = np.arange(candidates.size)
         return np.sort(candidates[pick])
+
+
+def _percentile_rank(values: np.ndarray) -> np.ndarray:
+    """Rank of each value in [0, 1] (ties broken by position)."""
+    ranks = np.empty(values.size, dtype=np.float64)
+    ranks[np.argsort(values, kind="stable")] = np.arange(values.size)
+    return ranks / max(values.size - 1, 1)
 
 
 def embedding_event(selector: EmbeddingSelector, fit: CMDFit, state: EmbeddingState) -> np.ndarray:

@@ -33,6 +33,8 @@ class OnlineCMD:
         Seed of the sampling.
     layout : ParameterLayout, list of tensor sizes, or None
         Tensor boundaries for layer-balanced sampling.
+    reference_std_ratio : float
+        See :func:`posthoc_cmd`. Default 0 (the paper's rule).
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class OnlineCMD:
         n_samples: int = 1000,
         seed: int = 0,
         layout: ParameterLayout | list[int] | None = None,
+        reference_std_ratio: float = 0.0,
     ) -> None:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (two snapshots at least), got {warmup}")
@@ -52,6 +55,7 @@ class OnlineCMD:
         self.n_samples = n_samples
         self.seed = seed
         self.layout = layout
+        self.reference_std_ratio = reference_std_ratio
         self.n_snapshots = 0
         self._warmup_traj: np.ndarray | None = None
         # After warm-up:
@@ -99,7 +103,9 @@ class OnlineCMD:
     def _finish_warmup(self) -> None:
         traj = self._warmup_traj
         assert traj is not None
-        fit = posthoc_cmd(traj, self.n_modes, self.n_samples, self.seed, self.layout)
+        fit = posthoc_cmd(
+            traj, self.n_modes, self.n_samples, self.seed, self.layout, self.reference_std_ratio
+        )
         self.modes = fit.modes.astype(np.uint8)
         self.references = fit.references
         m = fit.n_modes

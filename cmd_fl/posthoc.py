@@ -145,12 +145,27 @@ def cluster_modes(corr: np.ndarray, n_modes: int) -> np.ndarray:
     return relabel[raw]
 
 
-def choose_references(corr: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per cluster, the member (a row of ``corr``) with the highest mean |corr| to its cluster."""
+def choose_references(
+    corr: np.ndarray,
+    labels: np.ndarray,
+    stds: np.ndarray | None = None,
+    std_ratio: float = 0.0,
+) -> np.ndarray:
+    """Per cluster, the member (a row of ``corr``) with the highest mean |corr| to its cluster.
+
+    With ``std_ratio > 0`` only members whose trajectory std is at least ``std_ratio`` times the
+    cluster's median std may be references: a near-constant reference makes ``|a|`` of its
+    members huge and the whole mode hypersensitive to it.
+    """
     refs = []
     for mode in range(int(labels.max()) + 1):
         members = np.flatnonzero(labels == mode)
         within = corr[np.ix_(members, members)].mean(axis=1)
+        if stds is not None and std_ratio > 0:
+            member_std = stds[members]
+            allowed = member_std >= std_ratio * np.median(member_std)
+            if allowed.any():
+                within = np.where(allowed, within, -np.inf)
         refs.append(members[int(np.argmax(within))])
     return np.asarray(refs, dtype=np.int64)
 
@@ -218,6 +233,7 @@ def posthoc_cmd(
     n_samples: int = 1000,
     seed: int = 0,
     layout: ParameterLayout | list[int] | None = None,
+    reference_std_ratio: float = 0.0,
 ) -> CMDFit:
     """Post-hoc CMD of a whole trajectory matrix.
 
@@ -234,6 +250,9 @@ def posthoc_cmd(
         Seed of the sampling.
     layout : ParameterLayout, list of tensor sizes, or None
         Tensor boundaries for layer-balanced sampling; None samples uniformly.
+    reference_std_ratio : float
+        References must move: a member whose trajectory std is below this fraction of its
+        cluster's median std is not chosen as reference. Default 0 (the paper's rule).
 
     Returns
     -------
@@ -250,9 +269,11 @@ def posthoc_cmd(
         raise ValueError(
             f"n_modes = {n_modes} exceeds the number of sampled weights ({sample.size})"
         )
-    corr = abs_correlation(traj[sample])
+    sampled = traj[sample]
+    corr = abs_correlation(sampled)
     labels = cluster_modes(corr, n_modes)
-    references = sample[choose_references(corr, labels)]
+    stds = sampled.std(axis=1, dtype=np.float64)
+    references = sample[choose_references(corr, labels, stds, reference_std_ratio)]
     fit = assign_and_fit(traj, references)
     return _number_modes_by_size(fit)
 

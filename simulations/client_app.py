@@ -2,56 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-
-import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from clients.apf_client import APFClient
 from clients.cmd_client import CMDClient, OptimizerHook, Projection
-from simulations.data import ArrayDataset, load_dataset, partition_indices
+from cmd_fl.payload import APF_MODEL
+from simulations.federation import client_dataset
 from simulations.settings import RunSettings
 from simulations.task import build_model, train
 
 app = ClientApp()
-
-
-@functools.lru_cache(maxsize=4)
-def _partitions(
-    dataset: str,
-    root: str,
-    train_subset: int,
-    num_partitions: int,
-    partitioning: str,
-    alpha: float,
-    seed: int,
-) -> tuple[np.ndarray, ...]:
-    """Training-set indices of every partition (a seeded subset first, if asked)."""
-    train_set, _ = load_dataset(dataset, root or None)
-    labels = train_set.y.numpy()
-    pool = np.arange(labels.size)
-    if 0 < train_subset < labels.size:
-        pool = np.sort(np.random.default_rng(seed).permutation(labels.size)[:train_subset])
-    parts = partition_indices(labels[pool], num_partitions, partitioning, alpha, seed)
-    return tuple(pool[part] for part in parts)
-
-
-def client_dataset(settings: RunSettings, partition_id: int, num_partitions: int) -> ArrayDataset:
-    """This node's training data."""
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
-    parts = _partitions(
-        settings.dataset,
-        settings.data_root,
-        settings.train_subset,
-        num_partitions,
-        settings.partitioning,
-        settings.dirichlet_alpha,
-        settings.seed,
-    )
-    train_set, _ = load_dataset(settings.dataset, settings.data_root or None)
-    return train_set.subset(parts[partition_id])
 
 
 def _node_partition(context: Context, settings: RunSettings) -> tuple[int, int]:
@@ -85,6 +47,8 @@ def train_handler(msg: Message, context: Context) -> Message:
         return {"num-examples": int(result["num_examples"]), "train-loss": float(result["loss"])}
 
     model = build_model(settings.dataset)
+    if APF_MODEL in msg.content.array_records:
+        return APFClient(model, train_fn).train(msg, context)
     projection: Projection = "round" if settings.cmd_projection == "round" else "step"
     client = CMDClient(model, train_fn, projection=projection)
     return client.train(msg, context)

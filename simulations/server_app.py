@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -18,12 +19,28 @@ from flwr.serverapp import Grid, ServerApp
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger
 from simulations.data import load_dataset
+from simulations.federation import validation_dataset
 from simulations.settings import RunSettings
 from simulations.task import build_model, evaluate
-from strategies.cmd_strategy import CMDStrategy
+from strategies.apf_strategy import APFStrategy
+from strategies.cmd_strategy import CMDStrategy, ValidateFn
 from strategies.metered import MeteredFedAvg
 
 app = ServerApp()
+
+
+def make_validate_fn(settings: RunSettings, layout: ParameterLayout) -> ValidateFn | None:
+    """Accuracy of a flat model on the server's validation split (None without one)."""
+    if settings.validation_size == 0:
+        return None
+    validation = validation_dataset(settings)
+    model = build_model(settings.dataset)
+
+    def validate(flat: np.ndarray, extras: list[np.ndarray]) -> float:
+        layout.load_into(model, flat, extras)
+        return float(evaluate(model, validation)["accuracy"])
+
+    return validate
 
 
 def make_strategy(
@@ -40,6 +57,16 @@ def make_strategy(
     }
     if settings.strategy == "fedavg":
         return MeteredFedAvg(layout, ledger, **common)
+    if settings.strategy == "apf":
+        return APFStrategy(
+            layout,
+            ledger,
+            alpha=settings.apf_alpha,
+            threshold=settings.apf_threshold,
+            random_freeze=settings.apf_random_freeze,
+            seed=settings.seed,
+            **common,
+        )
     return CMDStrategy(
         layout,
         ledger,
@@ -47,6 +74,8 @@ def make_strategy(
         n_modes=settings.cmd_modes,
         n_samples=settings.cmd_samples,
         seed=settings.seed,
+        options=settings.cmd_options(),
+        validate_fn=make_validate_fn(settings, layout),
         **common,
     )
 
@@ -174,6 +203,7 @@ def build_summary(
         "total_payload_down": totals["payload_down"],
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
         "rejected_replies": {"total": len(strategy.rejections), "replies": strategy.rejections},
+        "guard_events": getattr(strategy, "guard_events", []),
         "wall_time_s": round(wall_time_s, 3),
     }
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cmd_fl.embedding import EmbeddingSchedule
+from cmd_fl.embedding import SELECTION_RULES, EmbeddingSchedule
+from strategies.cmd_strategy import CMDOptions
 
-STRATEGIES = ("fedavg", "cmd")
+STRATEGIES = ("fedavg", "cmd", "apf")
 PARTITIONINGS = ("iid", "dirichlet")
 PROJECTIONS = ("step", "round")
 
@@ -49,6 +50,15 @@ class RunSettings:
     cmd_embed_relative: bool = False
     cmd_max_embedded: float = 0.8
     cmd_projection: str = "step"
+    apf_alpha: float = 0.99  # APF's EMA factor, as the authors' code (freezes little in 40 rounds)
+    apf_threshold: float = 0.05  # APF's initial stability threshold T0
+    apf_random_freeze: bool = False  # "APF + random freezing" (the aggressive variant)
+    cmd_selection: str = "stability+fit"
+    cmd_max_abs_a: float = 10.0  # 0 = no bound
+    cmd_reference_std_ratio: float = 0.25
+    cmd_guard_margin: float = 0.02
+    cmd_guard_pause: int = 5
+    validation_size: int = 1000  # server-side validation split; 0 = none (no guard)
     min_valid_replies: int = 1
     max_num_examples: int = 0  # 0 = no bound
     results_dir: str = ""  # absolute; "" = $CMD_FL_RESULTS or ~/cmd-fl-results
@@ -69,6 +79,13 @@ class RunSettings:
             (self.dirichlet_alpha > 0, "dirichlet-alpha must be > 0"),
             (1 <= self.cmd_modes <= 255, "cmd-modes must be in [1, 255]"),
             (self.train_subset >= 0, "train-subset must be >= 0"),
+            (0.0 <= self.apf_alpha < 1.0, "apf-alpha must be in [0, 1)"),
+            (self.apf_threshold > 0, "apf-threshold must be > 0"),
+            (self.validation_size >= 0, "validation-size must be >= 0"),
+            (
+                self.cmd_selection in SELECTION_RULES,
+                f"cmd-selection must be one of {SELECTION_RULES}",
+            ),
             (
                 not self.results_dir or os.path.isabs(self.results_dir),
                 "results-dir must be absolute",
@@ -111,6 +128,16 @@ class RunSettings:
             percent=self.cmd_embed_percent,
             relative=self.cmd_embed_relative,
             max_fraction=self.cmd_max_embedded,
+        )
+
+    def cmd_options(self) -> CMDOptions:
+        """The CMD strategy's safety options."""
+        return CMDOptions(
+            selection_rule=self.cmd_selection,
+            max_abs_a=self.cmd_max_abs_a or None,
+            reference_std_ratio=self.cmd_reference_std_ratio,
+            guard_margin=self.cmd_guard_margin,
+            guard_pause=self.cmd_guard_pause,
         )
 
     def results_root(self) -> Path:

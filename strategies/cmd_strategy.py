@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,39 @@ from strategies.metered import MeteredFedAvg, ParsedReply, RejectedReply
 logger = logging.getLogger("flwr.cmd_fl")
 
 
+# Accuracy of a flat model (with the current extras) on the server's validation split.
+ValidateFn = Callable[[np.ndarray, list[np.ndarray]], float]
+
+
+@dataclass(frozen=True)
+class CMDOptions:
+    """How embedding is kept safe (see ``shared/docs/cmd-method.md``, "Measured here").
+
+    Parameters
+    ----------
+    selection_rule : str
+        ``"stability"`` (the paper's) or ``"stability+fit"``. Default ``"stability+fit"``.
+    max_abs_a : float or None
+        Weights with ``|a|`` above this are never embedded. Default 10.
+    max_residual : float or None
+        Weights whose relative fit residual is above this are never embedded. Default None.
+    reference_std_ratio : float
+        References must move at least this fraction of their cluster's median std. Default 0.25.
+    guard_margin : float
+        After an event, if the validation accuracy of the new model falls more than this below
+        the pre-event model's, the event is undone. Default 0.02. Needs a ``validate_fn``.
+    guard_pause : int
+        Rounds without embedding events after an undone event. Default 5.
+    """
+
+    selection_rule: str = "stability+fit"
+    max_abs_a: float | None = 10.0
+    max_residual: float | None = None
+    reference_std_ratio: float = 0.25
+    guard_margin: float = 0.02
+    guard_pause: int = 5
+
+
 class CMDStrategy(MeteredFedAvg):
     """Federated embedded CMD (see ``shared/docs/fl-protocol.md``).
 
@@ -60,6 +95,10 @@ class CMDStrategy(MeteredFedAvg):
         K, weights sampled for clustering. Default 1000.
     seed : int
         Seed of the clustering sample. Default 0.
+    options : CMDOptions
+        Selection rule, bounds, and the guard.
+    validate_fn : callable ``(flat, extras) -> accuracy`` or None
+        Server-side validation (never the test split); enables the guard.
     **kwargs
         Passed to :class:`MeteredFedAvg` (sampling, validation bounds).
     """
@@ -72,11 +111,19 @@ class CMDStrategy(MeteredFedAvg):
         n_modes: int = 10,
         n_samples: int = 1000,
         seed: int = 0,
+        options: CMDOptions | None = None,
+        validate_fn: ValidateFn | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(layout, ledger, **kwargs)
         self.schedule = schedule
-        self.online = OnlineCMD(n_modes, schedule.warmup, n_samples, seed, layout)
+        self.options = options or CMDOptions()
+        self.validate_fn = validate_fn
+        self.online = OnlineCMD(
+            n_modes, schedule.warmup, n_samples, seed, layout, self.options.reference_std_ratio
+        )
+        self.guard_events: list[dict[str, Any]] = []
+        self._paused_until = 0
         self.state: EmbeddingState | None = None
         self.history: EmbeddingHistory | None = None
         self.selector: EmbeddingSelector | None = None
@@ -195,7 +242,13 @@ class CMDStrategy(MeteredFedAvg):
         fit = self.online.fit
         self.state = EmbeddingState(fit.modes, fit.references, version=1)
         self.history = EmbeddingHistory(self.state)
-        self.selector = EmbeddingSelector(self.schedule, fit)
+        self.selector = EmbeddingSelector(
+            self.schedule,
+            fit,
+            rule=self.options.selection_rule,
+            max_abs_a=self.options.max_abs_a,
+            max_residual=self.options.max_residual,
+        )
         sizes = np.bincount(fit.modes, minlength=fit.n_modes)
         logger.info(
             "round %d: CMD warm-up done: %d modes (sizes %s), state version 1",
@@ -207,16 +260,54 @@ class CMDStrategy(MeteredFedAvg):
     def _embedding_event(self, server_round: int) -> None:
         assert self.state is not None and self.selector is not None and self.history is not None
         assert self.global_flat is not None
+        if server_round <= self._paused_until:
+            logger.info("round %d: embedding paused by the guard", server_round)
+            return
+        before = self.global_flat.copy()
         chosen = embedding_event(self.selector, self.online.fit, self.state)
         if chosen.size:
             self.history.record(self.state.version, chosen)
             self.state.project(self.global_flat)
+            self._guard(server_round, before, chosen)
         logger.info(
             "round %d: embedding event: %d weights embedded now, %.1f %% in all (version %d)",
             server_round,
             chosen.size,
             100 * self.state.embedded_fraction,
             self.state.version,
+        )
+
+    def _guard(self, server_round: int, before: np.ndarray, chosen: np.ndarray) -> None:
+        """Undo the event just made if it cost validation accuracy; pause embedding then."""
+        if self.validate_fn is None:
+            return
+        assert self.state is not None and self.history is not None
+        assert self.global_flat is not None
+        accuracy_before = self.validate_fn(before, self.global_extras)
+        accuracy_after = self.validate_fn(self.global_flat, self.global_extras)
+        undone = accuracy_before - accuracy_after > self.options.guard_margin
+        if undone:
+            self.state.release(chosen)
+            self.state.version += 1
+            self.history.record(self.state.version, chosen)
+            self.global_flat = before
+            self._paused_until = server_round + self.options.guard_pause
+            logger.warning(
+                "round %d: guard undid the event (validation accuracy %.4f -> %.4f); "
+                "embedding paused until round %d",
+                server_round,
+                accuracy_before,
+                accuracy_after,
+                self._paused_until,
+            )
+        self.guard_events.append(
+            {
+                "round": server_round,
+                "embedded": int(chosen.size),
+                "accuracy_before": accuracy_before,
+                "accuracy_after": accuracy_after,
+                "undone": undone,
+            }
         )
 
     def _set_global(self, arrays: ArrayRecord) -> None:

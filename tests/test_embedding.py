@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cmd_fl import (
+    CMDFit,
     EmbeddingSchedule,
     EmbeddingSelector,
     EmbeddingState,
@@ -144,3 +145,63 @@ def test_state_rejects_bad_changes() -> None:
     state.embed(np.array([2]), np.array([2.0]), np.array([1.0]))
     state.release(np.array([2]))
     assert state.n_embedded == 0 and state.free_indices.tolist() == [2, 3]
+
+
+def _fit_with(a: np.ndarray, b: np.ndarray, residual: np.ndarray) -> CMDFit:
+    modes = np.zeros(a.size, dtype=np.int64)
+    return CMDFit(modes, np.array([0]), a, b, residual)
+
+
+def test_stability_plus_fit_prefers_well_fitted_weights() -> None:
+    n = 1001
+    rng = np.random.default_rng(0)
+    start = _fit_with(np.ones(n), np.zeros(n), np.zeros(n))
+    later = _fit_with(1 + rng.uniform(0, 1, n), np.zeros(n), rng.uniform(0, 1, n))
+    later.a[0], later.residual[0] = 1.0, 0.0  # type: ignore[index]  # the reference
+    schedule = EmbeddingSchedule(warmup=1, every=1, percent=40.0)
+
+    def select(rule: str) -> np.ndarray:
+        state = EmbeddingState(np.zeros(n, dtype=np.int64), np.array([0]))
+        return EmbeddingSelector(schedule, start, rule=rule).select(later, state)
+
+    paper, fit_aware = select("stability"), select("stability+fit")
+    delta = later.a - 1.0
+    assert later.residual is not None
+    # The paper's rule takes the most stable weights whatever their fit ...
+    assert delta[paper].max() < delta[fit_aware].max()
+    assert later.residual[paper].mean() > 0.4
+    # ... the fit-aware rule trades a little stability for much better fits.
+    assert later.residual[fit_aware].mean() < 0.75 * later.residual[paper].mean()
+    assert delta[fit_aware].mean() < 0.5
+
+
+def test_bounds_keep_hypersensitive_and_badly_fitted_weights_free() -> None:
+    n = 50
+    a = np.ones(n)
+    a[10:20] = 50.0  # hypersensitive to the reference
+    residual = np.zeros(n)
+    residual[20:30] = 0.8
+    fit = _fit_with(a, np.zeros(n), residual)
+    schedule = EmbeddingSchedule(warmup=1, every=1, percent=100.0, max_fraction=1.0)
+    selector = EmbeddingSelector(schedule, fit, max_abs_a=10.0, max_residual=0.5)
+
+    chosen = selector.select(fit, EmbeddingState(np.zeros(n, dtype=np.int64), np.array([0])))
+
+    assert not set(chosen.tolist()) & set(range(10, 30))
+    assert len(chosen) == n - 1 - 20
+
+
+def test_reference_std_ratio_avoids_near_constant_references() -> None:
+    rng = np.random.default_rng(0)
+    base = np.cumsum(rng.normal(size=30))
+    # One cluster: many members with healthy scale, and a near-constant copy that correlates best.
+    members = [k * base + rng.normal(scale=0.5, size=30) for k in np.linspace(0.5, 2.0, 40)]
+    tiny = 1e-4 * base
+    traj = np.stack([tiny, *members])
+
+    paper = posthoc_cmd(traj, n_modes=1, n_samples=41)
+    safe = posthoc_cmd(traj, n_modes=1, n_samples=41, reference_std_ratio=0.25)
+
+    assert paper.references.tolist() == [0]
+    assert safe.references.tolist() != [0]
+    assert np.abs(safe.a).max() < np.abs(paper.a).max() / 100

@@ -1,0 +1,247 @@
+"""The APF baseline (Adaptive Parameter Freezing, Chen et al., ICDCS 2021) as a metered strategy.
+
+The server owns the mask: ``cmd_fl.apf.AdaptiveFreezing`` decides which scalar parameters are
+active each round, and every client of a round works with that one mask. What travels
+(``shared/docs/apf.md``):
+
+- downlink, per node: the values the node lacks (every entry changed since the model version it
+  last synced, in flat order), the packed extras, the round's active set as an index set only when
+  the node's known mask is not the current one, and the set of the values sent only when it is not
+  the node's known mask (a node that took part in the last round needs none). A node the server
+  knows nothing about (first contact, or its last reply failed) gets the whole flat model;
+- uplink: the trained values of the active entries only, the packed extras, num-examples, the id
+  of the mask it trained with and the checksum of the model it received.
+
+The server averages the active entries (frozen ones stay as they are), then updates the APF
+statistics of the active parameters with d = value before - value after.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from cmd_fl.apf import DEFAULT_ALPHA, DEFAULT_THRESHOLD, AdaptiveFreezing
+from cmd_fl.layout import ParameterLayout
+from cmd_fl.ledger import ByteLedger
+from cmd_fl.payload import (
+    APF_BASE_VERSION,
+    APF_MASK_ID,
+    APF_MODEL,
+    APF_MODEL_VERSION,
+    CONFIG,
+    NUM_EXAMPLES,
+    APFModel,
+    extras_nbytes,
+    model_checksum,
+)
+from cmd_fl.wire import encode_index_set, pack_tensors, unpack_tensors
+from strategies.aggregation import weighted_average
+from strategies.metered import MeteredFedAvg, ParsedReply, RejectedReply
+
+logger = logging.getLogger("flwr.cmd_fl")
+
+FULL_MODEL = -1
+"""``apf-base-version`` of a message whose values are the whole flat model."""
+
+
+class APFStrategy(MeteredFedAvg):
+    """Federated APF: only active parameters travel; the server decides the mask.
+
+    The APF logic starts at round 1 (every parameter is active in it). Nodes are tracked by the
+    model version and mask id they hold, committed when their reply is valid; a node without a
+    valid reply in a round it was sent a message is forgotten and gets the whole model next time,
+    whatever it applied. Client and server hold bitwise the same model (checked by checksum).
+
+    Parameters
+    ----------
+    layout : ParameterLayout
+        The model's layout: its modelled weights are the APF parameters; extras travel densely.
+    ledger : ByteLedger
+        Where every message's bytes are recorded.
+    alpha : float
+        EMA factor of the APF statistics. Default 0.99 (see ``cmd_fl.apf``).
+    threshold : float
+        Initial stability threshold T0. Default 0.05.
+    random_freeze : bool
+        "APF + random freezing": one extra frozen round with probability 0.5 per parameter and
+        round. Default False.
+    seed : int
+        Seed of the random freezing. Default 0.
+    **kwargs
+        Passed to :class:`MeteredFedAvg` (sampling, validation bounds).
+    """
+
+    def __init__(
+        self,
+        layout: ParameterLayout,
+        ledger: ByteLedger,
+        alpha: float = DEFAULT_ALPHA,
+        threshold: float = DEFAULT_THRESHOLD,
+        random_freeze: bool = False,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(layout, ledger, **kwargs)
+        self.freezing = AdaptiveFreezing(
+            layout.n_weights, alpha, threshold, random_freeze=random_freeze, seed=seed
+        )
+        self.global_flat: np.ndarray | None = None
+        self.global_extras: list[np.ndarray] = []
+        self.last_changed = np.zeros(layout.n_weights, dtype=np.int64)  # round of last update
+        self.model_version = 0  # the last round that changed the global model
+        self.mask_id = 0
+        self.masks: dict[int, np.ndarray] = {}  # mask id -> encoded active set (canonical)
+        self.active = np.arange(layout.n_weights, dtype=np.int64)
+        self.node_state: dict[int, tuple[int, int]] = {}  # node -> (model version, mask id)
+        self._pending: dict[int, tuple[int, int]] = {}
+        self._valid_nodes: set[int] = set()
+        self._extras_specs = layout.extra_specs()
+        self._extras_bytes = extras_nbytes(self._extras_specs)
+
+    # --- sending ------------------------------------------------------------------------------
+    def train_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        """One message per node: the values it lacks, the extras, the mask if its own is stale."""
+        if self.global_flat is None:  # the first round: the initial model
+            self._set_global(arrays)
+        assert self.global_flat is not None
+        n_weights = self.layout.n_weights
+        self.active = self.freezing.active_indices(server_round)
+        mask = encode_index_set(self.active, n_weights)
+        if self.mask_id == 0 or not np.array_equal(mask, self.masks[self.mask_id]):
+            self.mask_id += 1
+            self.masks[self.mask_id] = mask
+        extras = pack_tensors(self.global_extras)
+        self.sent_checksums[server_round] = model_checksum(self.global_flat, extras)
+        config[APF_MASK_ID] = self.mask_id
+        config[APF_MODEL_VERSION] = self.model_version
+
+        records: dict[tuple[int, int], ArrayRecord] = {}  # one record per distinct node state
+        self._pending = {}
+        messages = []
+        for node in node_ids:
+            known = self.node_state.get(node, (FULL_MODEL, 0))
+            if known not in records:
+                records[known] = self._model_record(known, extras)
+            content = RecordDict(
+                {
+                    APF_MODEL: records[known],
+                    CONFIG: ConfigRecord({**dict(config.items()), APF_BASE_VERSION: known[0]}),
+                }
+            )
+            messages.append(
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            )
+            self._pending[node] = (self.model_version, self.mask_id)
+        return messages
+
+    def _model_record(self, known: tuple[int, int], extras: np.ndarray) -> ArrayRecord:
+        """The record for a node holding model version ``known[0]`` and mask id ``known[1]``."""
+        assert self.global_flat is not None
+        base, known_mask = known
+        mask = None if known_mask == self.mask_id else self.masks[self.mask_id]
+        if base == FULL_MODEL:
+            return APFModel(self.global_flat, extras, mask=mask).to_record()
+        changed = np.flatnonzero(self.last_changed > base)
+        sync: np.ndarray | None = encode_index_set(changed, self.layout.n_weights)
+        if np.array_equal(sync, self.masks[known_mask]):
+            sync = None  # the node's own mask says which values these are
+        return APFModel(self.global_flat[changed], extras, mask=mask, sync=sync).to_record()
+
+    # --- receiving ----------------------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate and average; commit what each node holds; record the frozen share."""
+        self._valid_nodes = set()
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        for node, known in self._pending.items():
+            if node in self._valid_nodes:
+                self.node_state[node] = known
+            else:
+                self.node_state.pop(node, None)
+        self._pending = {}
+        in_use = {mask_id for _, mask_id in self.node_state.values()} | {self.mask_id}
+        self.masks = {key: blob for key, blob in self.masks.items() if key in in_use}
+        frozen = self.freezing.frozen_fraction(server_round + 1)
+        self.round_info[server_round] = {
+            "embedded_fraction": frozen,  # the report's key for CMD's embedded / APF's frozen
+            "frozen_fraction": frozen,  # for the next round
+            "n_active": int(self.active.size),  # this round
+            "threshold": self.freezing.threshold,
+            "mask_id": self.mask_id,
+        }
+        return arrays, metrics
+
+    def parse_train_reply(self, server_round: int, reply: Message) -> ParsedReply:
+        """A reply must hold exactly the round's active values, trained with its mask."""
+        content = self.reply_content(reply)
+        metrics = self.reply_metrics(server_round, content)
+        node = reply.metadata.src_node_id
+        if node not in self._pending:
+            raise RejectedReply("no training message was sent to this node this round")
+        mask_id = metrics.pop(APF_MASK_ID, None)
+        if mask_id != self.mask_id:
+            raise RejectedReply(f"trained with mask {mask_id}, the round's is {self.mask_id}")
+        if set(content.array_records) != {APF_MODEL}:
+            raise RejectedReply(
+                f"array records {sorted(content.array_records)}, expected apf-model"
+            )
+        model = APFModel.from_record(
+            content.array_records[APF_MODEL], self._extras_bytes, n_values=self.active.size
+        )
+        extras = unpack_tensors(model.extras, self._extras_specs)
+        for value in extras:
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                raise RejectedReply("extras hold NaN or Inf")
+        self._valid_nodes.add(node)
+        return ParsedReply(node, metrics.pop(NUM_EXAMPLES), [model.values, *extras], metrics)
+
+    def aggregate_replies(self, server_round: int, replies: list[ParsedReply]) -> ArrayRecord:
+        """Average the active entries and extras; update the APF statistics of the active ones."""
+        assert self.global_flat is not None
+        averaged = weighted_average([r.arrays for r in replies], [r.num_examples for r in replies])
+        values, *extras = averaged
+        before = self.global_flat
+        after = before.copy()
+        after[self.active] = values
+        self.freezing.update(server_round, before, after)
+        self.last_changed[self.active] = server_round
+        self.model_version = server_round
+        self.global_flat = after
+        self.global_extras = extras
+        logger.info(
+            "round %d: %d of %d parameters active, %.1f %% frozen next round (T = %.3g)",
+            server_round,
+            self.active.size,
+            self.layout.n_weights,
+            100 * self.freezing.frozen_fraction(server_round + 1),
+            self.freezing.threshold,
+        )
+        return self.global_arrays()
+
+    # --- the global model ---------------------------------------------------------------------
+    def _set_global(self, arrays: ArrayRecord) -> None:
+        state = {key: arr.numpy() for key, arr in arrays.items()}
+        self.global_flat = self.layout.flatten_numpy(state).astype(np.float32)
+        self.global_extras = self.layout.extra_tensors(state)
+
+    def global_arrays(self) -> ArrayRecord:
+        """The current global model as a dense ArrayRecord (for server-side evaluation)."""
+        assert self.global_flat is not None
+        state = self.layout.state_dict(self.global_flat.copy(), self.global_extras)
+        return ArrayRecord({key: Array(value.numpy()) for key, value in state.items()})

@@ -1,0 +1,75 @@
+"""Embedding safety in the Flower strategy: the cap, and the guard that undoes bad events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import strategies.cmd_strategy as cmd_strategy_module
+from cmd_fl.embedding import EmbeddingSelector, EmbeddingState, embedding_event
+from cmd_fl.payload import METRICS
+from cmd_fl.posthoc import CMDFit
+from strategies.cmd_strategy import CMDStrategy
+from tests.test_flower_apps import WARMUP, _free_length, simulate
+
+BAD_ROUND = WARMUP + 2
+
+
+def _corrupting_event(
+    selector: EmbeddingSelector, fit: CMDFit, state: EmbeddingState
+) -> np.ndarray:
+    """The real event, except that at BAD_ROUND it freezes wildly wrong coefficients."""
+    chosen = embedding_event(selector, fit, state)
+    if state.version == 1 + (BAD_ROUND - WARMUP) and chosen.size:
+        state.embed(chosen, -3.0 * fit.a[chosen], fit.b[chosen] + 1.0)
+    return chosen
+
+
+def test_planted_bad_event_is_undone_and_views_stay_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cmd_strategy_module, "embedding_event", _corrupting_event)
+    outcome, grid = simulate(tmp_path, num_server_rounds=BAD_ROUND + 3, cmd_guard_pause=1)
+    strategy = outcome.strategy
+    assert isinstance(strategy, CMDStrategy) and strategy.state is not None
+
+    events = {e["round"]: e for e in outcome.summary["guard_events"]}
+    assert events[BAD_ROUND]["undone"]
+    assert events[BAD_ROUND]["accuracy_after"] < events[BAD_ROUND]["accuracy_before"] - 0.02
+    assert not any(e["undone"] for r, e in events.items() if r != BAD_ROUND)
+    # Embedding paused for guard-pause rounds, then went on.
+    assert BAD_ROUND + 1 not in events and BAD_ROUND + 2 in events
+    # After the roll-back, clients rebuilt bitwise the server's model every round.
+    for exchange in grid.exchanges:
+        client_view = exchange.reply.content.metric_records[METRICS]["model-checksum"]
+        assert client_view == strategy.sent_checksums[exchange.server_round]
+    assert outcome.summary["rejected_replies"]["total"] == 0
+    rows = {r["round"]: r for r in outcome.summary["rounds"]}
+    assert rows[BAD_ROUND]["embedded_fraction"] == rows[BAD_ROUND - 1]["embedded_fraction"]
+    # The released weights travel again from the next round on.
+    n, m = strategy.layout.n_weights, strategy.state.n_modes
+    embedded = round(rows[BAD_ROUND - 1]["embedded_fraction"] * n)
+    next_round = [e for e in grid.exchanges if e.server_round == BAD_ROUND + 1]
+    assert next_round
+    for exchange in next_round:
+        assert _free_length(exchange.instruction) == n - embedded - m
+        assert _free_length(exchange.reply) == n - embedded - m
+
+
+def test_guard_does_not_undo_healthy_events(tmp_path: Path) -> None:
+    outcome, _ = simulate(tmp_path, num_server_rounds=6)
+    events = outcome.summary["guard_events"]
+    assert len(events) == 6 - WARMUP
+    assert not any(e["undone"] for e in events)
+
+
+@pytest.mark.parametrize("cap", [0.3, 0.55])
+def test_cap_is_never_exceeded_in_a_run(tmp_path: Path, cap: float) -> None:
+    outcome, _ = simulate(
+        tmp_path, num_server_rounds=8, cmd_embed_percent=25.0, cmd_max_embedded=cap
+    )
+    fractions = [r["embedded_fraction"] for r in outcome.summary["rounds"]]
+    assert max(fractions) <= cap
+    assert max(fractions) > cap - 0.01
