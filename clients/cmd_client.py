@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Literal
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
@@ -19,6 +20,7 @@ from cmd_fl.payload import (
     MODEL_CHECKSUM,
     N_MODES,
     NUM_EXAMPLES,
+    PROBE,
     STATE_VERSION,
     CMDModel,
     extras_nbytes,
@@ -58,7 +60,8 @@ class CMDClient:
         ``step``: embedded weights stay on the CMD model during local training (gradients masked,
         re-projected after every optimizer step). ``round``: every weight trains locally; only
         the free weights and references are sent, and the embedded ones are re-projected from the
-        averaged references at the round boundary. Default ``step``.
+        averaged references at the round boundary. Default ``step``. In a refresh probe round
+        (``cmd-probe`` in the config) every weight trains and the embedded ones are sent too.
     state_key : str
         Key of the CMD state in ``context.state``.
     """
@@ -121,9 +124,10 @@ class CMDClient:
         checksum = model_checksum(flat, model.extras)
         del flat, extras
 
+        probe = bool(config.get(PROBE, 0))
         projector = None
         hook: OptimizerHook | None = None
-        if self.projection == "step" and state.n_embedded:
+        if self.projection == "step" and state.n_embedded and not probe:
             projector = EmbeddedProjector(self.model, self.layout, state)
             hook = projector.attach
         try:
@@ -133,14 +137,15 @@ class CMDClient:
                 projector.detach()
 
         trained = self.model.state_dict()
-        free, refs = state.split(self.layout.flatten_numpy(trained))
+        trained_flat = self.layout.flatten_numpy(trained)
+        free, refs = state.split(trained_flat)
+        embedded = trained_flat[state.embedded_indices].astype(np.float32) if probe else None
         extras_blob = pack_tensors(self.layout.extra_tensors(trained))
         metrics[STATE_VERSION] = state.version
         metrics[MODEL_CHECKSUM] = checksum
-        _ = config  # the round's settings are read by the app from its run config
         return RecordDict(
             {
-                CMD_MODEL: CMDModel(free, refs, extras_blob).to_record(),
+                CMD_MODEL: CMDModel(free, refs, extras_blob, embedded).to_record(),
                 METRICS: _metric_record(metrics),
             }
         )

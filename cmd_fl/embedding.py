@@ -247,8 +247,9 @@ class EmbeddingSelector:
       stability and the relative residual of their affine fit (``CMDFit.residual``). A weight
       must be both stable and well fitted to be embedded first.
 
-    Whatever the rule, candidates with ``|a| > max_abs_a`` (hypersensitive to their reference)
-    or a relative residual above ``max_residual`` are never embedded.
+    Whatever the rule, candidates with ``|a| > max_abs_a`` (hypersensitive to their reference),
+    a relative residual above ``max_residual``, or marked in ``excluded`` (released by a
+    refresh) are never embedded.
 
     Parameters
     ----------
@@ -280,6 +281,8 @@ class EmbeddingSelector:
         self.max_residual = max_residual
         self._last_a = start_fit.a.astype(np.float32)
         self._last_b = start_fit.b.astype(np.float32)
+        # Weights never to embed again (released by a refresh).
+        self.excluded = np.zeros(start_fit.n_weights, dtype=bool)
 
     def stability(self, fit: CMDFit) -> np.ndarray:
         """Per-weight change of (a, b) since the previous event (float64)."""
@@ -290,7 +293,7 @@ class EmbeddingSelector:
     def eligible(self, fit: CMDFit, candidates: np.ndarray) -> np.ndarray:
         """The candidates that pass the finiteness, |a| and residual bounds."""
         a = fit.a[candidates]
-        keep = np.isfinite(a) & np.isfinite(fit.b[candidates])
+        keep = np.isfinite(a) & np.isfinite(fit.b[candidates]) & ~self.excluded[candidates]
         if self.max_abs_a is not None:
             keep &= np.abs(a) <= self.max_abs_a
         if self.max_residual is not None:

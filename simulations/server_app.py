@@ -204,6 +204,7 @@ def build_summary(
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
         "rejected_replies": {"total": len(strategy.rejections), "replies": strategy.rejections},
         "guard_events": getattr(strategy, "guard_events", []),
+        "refresh_events": getattr(strategy, "refresh_events", []),
         "wall_time_s": round(wall_time_s, 3),
     }
 

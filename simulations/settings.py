@@ -58,6 +58,8 @@ class RunSettings:
     cmd_reference_std_ratio: float = 0.25
     cmd_guard_margin: float = 0.02
     cmd_guard_pause: int = 5
+    cmd_refresh_every: int = 10  # 0 = no refresh
+    cmd_refresh_tolerance: float = 0.25
     validation_size: int = 1000  # server-side validation split; 0 = none (no guard)
     min_valid_replies: int = 1
     max_num_examples: int = 0  # 0 = no bound
@@ -138,6 +140,8 @@ class RunSettings:
             reference_std_ratio=self.cmd_reference_std_ratio,
             guard_margin=self.cmd_guard_margin,
             guard_pause=self.cmd_guard_pause,
+            refresh_every=self.cmd_refresh_every,
+            refresh_tolerance=self.cmd_refresh_tolerance,
         )
 
     def results_root(self) -> Path:

@@ -25,6 +25,7 @@ from cmd_fl.payload import (
     CMD_STATE,
     CONFIG,
     N_MODES,
+    PROBE,
     STATE_VERSION,
     CMDModel,
     extras_nbytes,
@@ -60,6 +61,16 @@ class CMDOptions:
         the pre-event model's, the event is undone. Default 0.02. Needs a ``validate_fn``.
     guard_pause : int
         Rounds without embedding events after an undone event. Default 5.
+    refresh_every : int
+        Every this many rounds after warm-up (with weights embedded) is a refresh probe: clients
+        train every weight and also send their embedded ones; embedded weights whose trained
+        value drifted more than ``refresh_tolerance`` (relative) from the CMD model are released
+        for good and travel again. 0 turns refresh off. Default 10.
+    refresh_tolerance : float
+        Relative drift ``|w - (a w_ref + b)| / max(|w|, |a w_ref + b|)`` that releases a weight.
+        Default 0.25.
+    refresh_max_fraction : float
+        At most this share of the N weights is released per refresh. Default 0.1.
     """
 
     selection_rule: str = "stability+fit"
@@ -68,6 +79,9 @@ class CMDOptions:
     reference_std_ratio: float = 0.25
     guard_margin: float = 0.02
     guard_pause: int = 5
+    refresh_every: int = 10
+    refresh_tolerance: float = 0.25
+    refresh_max_fraction: float = 0.1
 
 
 class CMDStrategy(MeteredFedAvg):
@@ -123,7 +137,9 @@ class CMDStrategy(MeteredFedAvg):
             n_modes, schedule.warmup, n_samples, seed, layout, self.options.reference_std_ratio
         )
         self.guard_events: list[dict[str, Any]] = []
+        self.refresh_events: list[dict[str, Any]] = []
         self._paused_until = 0
+        self._probe_rounds: set[int] = set()
         self.state: EmbeddingState | None = None
         self.history: EmbeddingHistory | None = None
         self.selector: EmbeddingSelector | None = None
@@ -156,6 +172,10 @@ class CMDStrategy(MeteredFedAvg):
         model_record = CMDModel(free, refs, extras).to_record()
         config[STATE_VERSION] = self.state.version
         config[N_MODES] = self.state.n_modes
+        probe = self._is_probe_round(server_round)
+        config[PROBE] = int(probe)
+        if probe:
+            self._probe_rounds.add(server_round)
         messages = []
         for node in node_ids:
             content = RecordDict({CMD_MODEL: model_record, CONFIG: config})
@@ -204,21 +224,24 @@ class CMDStrategy(MeteredFedAvg):
             raise RejectedReply(
                 f"array records {sorted(content.array_records)}, expected cmd-model"
             )
+        probe = server_round in self._probe_rounds
         model = CMDModel.from_record(
             content.array_records[CMD_MODEL],
             self.state.free_indices.size,
             self.state.n_modes,
             self._extras_bytes,
+            n_embedded=self.state.n_embedded if probe else None,
         )
         extras = unpack_tensors(model.extras, self._extras_specs)
         for value in extras:
             if value.dtype.kind in "fc" and not np.isfinite(value).all():
                 raise RejectedReply("extras hold NaN or Inf")
         self.node_versions[reply.metadata.src_node_id] = self.state.version
+        probed = [] if model.embedded is None else [model.embedded]
         return ParsedReply(
             reply.metadata.src_node_id,
             metrics.pop("num-examples"),
-            [model.free, model.references, *extras],
+            [model.free, model.references, *probed, *extras],
             metrics,
         )
 
@@ -227,9 +250,13 @@ class CMDStrategy(MeteredFedAvg):
         if self.state is None:
             return super().aggregate_replies(server_round, replies)
         averaged = weighted_average([r.arrays for r in replies], [r.num_examples for r in replies])
-        free, refs, *extras = averaged
+        free, refs, *rest = averaged
+        probe = server_round in self._probe_rounds
+        trained_embedded = rest.pop(0) if probe else None
         self.global_flat = self.state.assemble(free, refs)
-        self.global_extras = extras
+        self.global_extras = rest
+        if trained_embedded is not None:
+            self._refresh(server_round, trained_embedded)
         return self.global_arrays()
 
     def reject(self, server_round: int, node_id: int, reason: str) -> None:
@@ -308,6 +335,51 @@ class CMDStrategy(MeteredFedAvg):
                 "accuracy_after": accuracy_after,
                 "undone": undone,
             }
+        )
+
+    def _is_probe_round(self, server_round: int) -> bool:
+        every = self.options.refresh_every
+        return (
+            every > 0
+            and self.state is not None
+            and self.state.n_embedded > 0
+            and (server_round - self.schedule.warmup) % every == 0
+        )
+
+    def _refresh(self, server_round: int, trained: np.ndarray) -> None:
+        """Release the embedded weights that the clients' training pulled off the CMD model."""
+        assert self.state is not None and self.history is not None
+        assert self.global_flat is not None and self.selector is not None
+        embedded = self.state.embedded_indices
+        modelled = self.global_flat[embedded]
+        scale = np.maximum(np.abs(trained), np.abs(modelled))
+        floor = 1e-3 * float(np.median(np.abs(self.global_flat))) + 1e-12
+        drift = np.abs(trained - modelled) / np.maximum(scale, floor)
+        over = np.flatnonzero(drift > self.options.refresh_tolerance)
+        limit = int(self.options.refresh_max_fraction * self.state.n_weights)
+        if over.size > limit:
+            over = over[np.argsort(drift[over])[::-1][:limit]]
+        released = np.sort(embedded[over])
+        if released.size:
+            self.state.release(released)
+            self.state.version += 1
+            self.history.record(self.state.version, released)
+            self.global_flat[released] = trained[np.searchsorted(embedded, released)]
+            self.selector.excluded[released] = True
+        self.refresh_events.append(
+            {
+                "round": server_round,
+                "probed": int(embedded.size),
+                "released": int(released.size),
+                "median_drift": float(np.median(drift)) if drift.size else 0.0,
+            }
+        )
+        logger.info(
+            "round %d: refresh released %d of %d embedded weights (median drift %.3f)",
+            server_round,
+            released.size,
+            embedded.size,
+            self.refresh_events[-1]["median_drift"],
         )
 
     def _set_global(self, arrays: ArrayRecord) -> None:

@@ -73,3 +73,30 @@ def test_cap_is_never_exceeded_in_a_run(tmp_path: Path, cap: float) -> None:
     fractions = [r["embedded_fraction"] for r in outcome.summary["rounds"]]
     assert max(fractions) <= cap
     assert max(fractions) > cap - 0.01
+
+
+def test_refresh_releases_drifted_weights_for_good(tmp_path: Path) -> None:
+    outcome, grid = simulate(
+        tmp_path,
+        num_server_rounds=9,
+        cmd_projection="round",
+        cmd_refresh_every=3,
+        cmd_refresh_tolerance=0.05,
+    )
+    strategy = outcome.strategy
+    assert isinstance(strategy, CMDStrategy) and strategy.state is not None
+    assert strategy.selector is not None
+    refreshes = {e["round"]: e for e in outcome.summary["refresh_events"]}
+
+    assert set(refreshes) == {WARMUP + 3, WARMUP + 6}
+    assert sum(e["released"] for e in refreshes.values()) > 0
+    # Probe replies carried the embedded weights' trained values; other rounds did not.
+    for exchange in grid.exchanges[4 * WARMUP :]:
+        record = exchange.reply.content.array_records["cmd-model"]
+        assert ("embedded" in record) == (exchange.server_round in refreshes)
+    # Released weights are never embedded again, and the views stayed bitwise identical.
+    assert not (strategy.selector.excluded & strategy.state.embedded).any()
+    assert strategy.selector.excluded.sum() == sum(e["released"] for e in refreshes.values())
+    for exchange in grid.exchanges:
+        client_view = exchange.reply.content.metric_records[METRICS]["model-checksum"]
+        assert client_view == strategy.sent_checksums[exchange.server_round]
