@@ -28,6 +28,7 @@ from cmd_fl.wire import (
 DENSE_MODEL = "arrays"  # the whole model, one Array per tensor (FedAvg and CMD warm-up)
 CMD_MODEL = "cmd-model"  # free vector, reference values, packed extras
 CMD_STATE = "cmd-state"  # a StateDelta, only when the receiver's version is behind
+APF_MODEL = "apf-model"  # APF: values the receiver lacks (or trained), packed extras, index sets
 CONFIG = "config"
 METRICS = "metrics"
 
@@ -37,10 +38,18 @@ STATE_VERSION = "state-version"
 N_MODES = "n-modes"
 NUM_EXAMPLES = "num-examples"
 MODEL_CHECKSUM = "model-checksum"
+PROBE = "cmd-probe"  # config: train every weight and send the embedded ones too
+APF_MASK_ID = "apf-mask-id"  # the id of the round's active set (the APF mask)
+APF_MODEL_VERSION = "apf-model-version"  # the last round that changed the global model
+APF_BASE_VERSION = "apf-base-version"  # the model version the values update; -1: a full model
 
 _FREE = "free"
 _REFS = "refs"
 _EXTRAS = "extras"
+_EMBEDDED = "embedded"
+_VALUES = "values"
+_MASK = "mask"
+_SYNC = "sync"
 
 
 @dataclass(frozen=True)
@@ -55,42 +64,141 @@ class CMDModel:
         Values of the M reference weights (the mode coefficients).
     extras : ndarray, uint8
         The dense extras (buffers) packed into one blob.
+    embedded : ndarray, float32, or None
+        Uplink of a refresh probe only: the locally trained values of the embedded weights, in
+        index order, so the server can see which ones drifted off the CMD model.
     """
 
     free: np.ndarray
     references: np.ndarray
     extras: np.ndarray
+    embedded: np.ndarray | None = None
 
     def to_record(self) -> ArrayRecord:
-        """The model as one ArrayRecord of three arrays."""
-        return to_array_record(
-            {
-                _FREE: np.ascontiguousarray(self.free, dtype=np.float32),
-                _REFS: np.ascontiguousarray(self.references, dtype=np.float32),
-                _EXTRAS: np.ascontiguousarray(self.extras, dtype=np.uint8),
-            }
-        )
+        """The model as one ArrayRecord of three (four with ``embedded``) arrays."""
+        parts = {
+            _FREE: np.ascontiguousarray(self.free, dtype=np.float32),
+            _REFS: np.ascontiguousarray(self.references, dtype=np.float32),
+            _EXTRAS: np.ascontiguousarray(self.extras, dtype=np.uint8),
+        }
+        if self.embedded is not None:
+            parts[_EMBEDDED] = np.ascontiguousarray(self.embedded, dtype=np.float32)
+        return to_array_record(parts)
 
     @classmethod
     def from_record(
-        cls, record: ArrayRecord, n_free: int, n_modes: int, extras_bytes: int
+        cls,
+        record: ArrayRecord,
+        n_free: int,
+        n_modes: int,
+        extras_bytes: int,
+        n_embedded: int | None = None,
     ) -> CMDModel:
         """Read and validate a model record (keys, dtypes, lengths, finite values).
+
+        ``n_embedded`` is given exactly when embedded values are expected (a probe reply).
 
         Raises
         ------
         WireFormatError
             If anything differs from what the receiver's state expects.
         """
-        parts = from_array_record(
-            record,
-            {
-                _FREE: (np.dtype(np.float32), n_free),
-                _REFS: (np.dtype(np.float32), n_modes),
-                _EXTRAS: (np.dtype(np.uint8), extras_bytes),
-            },
+        expected: dict[str, tuple[np.dtype | type, int | None]] = {
+            _FREE: (np.dtype(np.float32), n_free),
+            _REFS: (np.dtype(np.float32), n_modes),
+            _EXTRAS: (np.dtype(np.uint8), extras_bytes),
+        }
+        if n_embedded is not None:
+            expected[_EMBEDDED] = (np.dtype(np.float32), n_embedded)
+        parts = from_array_record(record, expected)
+        embedded = parts[_EMBEDDED].reshape(-1) if n_embedded is not None else None
+        return cls(
+            parts[_FREE].reshape(-1),
+            parts[_REFS].reshape(-1),
+            parts[_EXTRAS].reshape(-1),
+            embedded,
         )
-        return cls(parts[_FREE].reshape(-1), parts[_REFS].reshape(-1), parts[_EXTRAS].reshape(-1))
+
+
+@dataclass(frozen=True)
+class APFModel:
+    """What an APF message carries in its ``apf-model`` record.
+
+    Attributes
+    ----------
+    values : ndarray, float32
+        Downlink: the values the receiver lacks, in flat order of the synced set (the entries
+        changed since its model version; the whole flat model for a newcomer). Uplink: the
+        trained values of the round's active entries, in flat order.
+    extras : ndarray, uint8
+        The dense extras (buffers) packed into one blob.
+    mask : ndarray, uint8, or None
+        Downlink only: the round's active set (``encode_index_set``), when the receiver's known
+        mask is not the current one.
+    sync : ndarray, uint8, or None
+        Downlink only: the set of entries in ``values`` (``encode_index_set``), when it is not
+        the receiver's known mask (the common case needs no index set).
+    """
+
+    values: np.ndarray
+    extras: np.ndarray
+    mask: np.ndarray | None = None
+    sync: np.ndarray | None = None
+
+    def to_record(self) -> ArrayRecord:
+        """The model as one ArrayRecord of two to four arrays."""
+        parts = {
+            _VALUES: np.ascontiguousarray(self.values, dtype=np.float32),
+            _EXTRAS: np.ascontiguousarray(self.extras, dtype=np.uint8),
+        }
+        for key, blob in ((_MASK, self.mask), (_SYNC, self.sync)):
+            if blob is not None:
+                parts[key] = np.ascontiguousarray(blob, dtype=np.uint8)
+        return to_array_record(parts)
+
+    @classmethod
+    def from_record(
+        cls,
+        record: ArrayRecord,
+        extras_bytes: int,
+        n_values: int | None = None,
+        index_sets: bool = False,
+    ) -> APFModel:
+        """Read and validate an APF record (keys, dtypes, lengths, finite values).
+
+        Parameters
+        ----------
+        record : ArrayRecord
+            The received record.
+        extras_bytes : int
+            Bytes of the packed extras.
+        n_values : int or None
+            Exact number of values expected; None leaves the length to the caller (a client
+            knows it only once the index sets are decoded).
+        index_sets : bool
+            Whether ``mask`` and ``sync`` may be present (downlink). Default False (uplink).
+
+        Raises
+        ------
+        WireFormatError
+            If anything differs from what the receiver expects.
+        """
+        expected: dict[str, tuple[np.dtype | type, int | None]] = {
+            _VALUES: (np.dtype(np.float32), n_values),
+            _EXTRAS: (np.dtype(np.uint8), extras_bytes),
+        }
+        if index_sets:
+            for key in (_MASK, _SYNC):
+                if key in record:
+                    expected[key] = (np.dtype(np.uint8), None)
+        parts = from_array_record(record, expected)
+        optional = {key: parts[key].reshape(-1) if key in parts else None for key in (_MASK, _SYNC)}
+        return cls(
+            parts[_VALUES].reshape(-1),
+            parts[_EXTRAS].reshape(-1),
+            mask=optional[_MASK],
+            sync=optional[_SYNC],
+        )
 
 
 def model_checksum(flat: np.ndarray, extras_blob: np.ndarray | bytes) -> int:
@@ -138,6 +246,7 @@ def extras_nbytes(specs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> int:
 
 
 __all__ = [
+    "APFModel",
     "CMDModel",
     "WireFormatError",
     "extras_nbytes",
