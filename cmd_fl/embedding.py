@@ -221,6 +221,27 @@ class EmbeddingState:
             raise ValueError(f"expected a ({self.n_weights},) vector, got {w.shape}")
         return w[self._free_idx].astype(np.float32), w[self.references].astype(np.float32)
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The state as named arrays (for checkpoints)."""
+        return {
+            "modes": self.modes,
+            "references": self.references,
+            "embedded": self.embedded,
+            "frozen_a": self.frozen_a,
+            "frozen_b": self.frozen_b,
+            "version": np.asarray(self.version),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> EmbeddingState:
+        """A state saved by :meth:`to_arrays`."""
+        state = cls(arrays["modes"], arrays["references"], int(arrays["version"]))
+        state.embedded = arrays["embedded"].astype(bool)
+        state.frozen_a = arrays["frozen_a"].astype(np.float32)
+        state.frozen_b = arrays["frozen_b"].astype(np.float32)
+        state._refresh()
+        return state
+
     def copy(self) -> EmbeddingState:
         """An independent copy."""
         other = EmbeddingState(self.modes, self.references, self.version)
@@ -283,6 +304,16 @@ class EmbeddingSelector:
         self._last_b = start_fit.b.astype(np.float32)
         # Weights never to embed again (released by a refresh).
         self.excluded = np.zeros(start_fit.n_weights, dtype=bool)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """What the selector remembers between events (for checkpoints)."""
+        return {"last_a": self._last_a, "last_b": self._last_b, "excluded": self.excluded}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`to_arrays` saved."""
+        self._last_a = arrays["last_a"].astype(np.float32)
+        self._last_b = arrays["last_b"].astype(np.float32)
+        self.excluded = arrays["excluded"].astype(bool)
 
     def stability(self, fit: CMDFit) -> np.ndarray:
         """Per-weight change of (a, b) since the previous event (float64)."""
@@ -366,6 +397,21 @@ class EmbeddingHistory:
     def __init__(self, state: EmbeddingState) -> None:
         self.first_version = state.version
         self._touched: dict[int, np.ndarray] = {}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The log as named arrays (for checkpoints)."""
+        out = {"first_version": np.asarray(self.first_version)}
+        out.update({f"touched.{v}": t for v, t in self._touched.items()})
+        return out
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`to_arrays` saved."""
+        self.first_version = int(arrays["first_version"])
+        self._touched = {
+            int(key.split(".", 1)[1]): value.astype(np.int64)
+            for key, value in arrays.items()
+            if key.startswith("touched.")
+        }
 
     def record(self, version: int, touched: np.ndarray) -> None:
         """Log that ``version`` changed the weights ``touched`` (embedded or released)."""

@@ -190,6 +190,38 @@ class OnlineCMD:
             residual=residual,
         )
 
+    _STATE_FIELDS = (
+        "modes",
+        "references",
+        "_shift",
+        "_ref_centre",
+        "_sum_w",
+        "_sum_ww",
+        "_sum_wr",
+        "_sum_r",
+        "_sum_rr",
+        "_warmup_traj",
+    )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Everything needed to continue exactly where this left off (for checkpoints)."""
+        out = {"n_snapshots": np.asarray(self.n_snapshots)}
+        for name in self._STATE_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name.lstrip("_")] = value
+        if self.reference_history:
+            out["reference_history"] = np.stack(self.reference_history)
+        return out
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the state saved by :meth:`to_arrays` (same constructor arguments)."""
+        self.n_snapshots = int(arrays["n_snapshots"])
+        for name in self._STATE_FIELDS:
+            setattr(self, name, arrays.get(name.lstrip("_")))
+        history = arrays.get("reference_history")
+        self.reference_history = [] if history is None else [row for row in history]
+
     def state_bytes(self) -> int:
         """Bytes held by the persistent per-weight and per-mode state (not the warm-up buffer)."""
         arrays = [

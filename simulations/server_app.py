@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from cmd_fl.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger
 from simulations.data import load_dataset
@@ -27,6 +28,8 @@ from strategies.cmd_strategy import CMDStrategy, ValidateFn
 from strategies.metered import MeteredFedAvg
 
 app = ServerApp()
+
+CHECKPOINT_FILE = "checkpoint.npz"
 
 
 def make_validate_fn(settings: RunSettings, layout: ParameterLayout) -> ValidateFn | None:
@@ -153,32 +156,120 @@ class RunOutcome:
 
 
 def run(grid: Grid, settings: RunSettings) -> RunOutcome:
-    """Run one experiment on ``grid`` and write its results."""
+    """Run one experiment on ``grid`` (or resume it from its checkpoint) and write its results."""
     random.seed(settings.seed)  # Flower samples nodes with the global RNG
     started = time.time()
+    run_name = settings.run_name or (
+        f"{settings.strategy}-{settings.dataset}-{settings.partitioning}-s{settings.seed}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    out_dir = settings.results_root() / run_name
+    checkpoint_path = out_dir / CHECKPOINT_FILE
     model = build_model(settings.dataset, seed=settings.seed)
     layout = ParameterLayout.from_module(model)
     ledger = ByteLedger()
     strategy = make_strategy(settings, layout, ledger)
     recorder = RunRecorder(settings, strategy, ledger, build_model(settings.dataset))
+    initial_arrays = ArrayRecord(model.state_dict())
+    first_round, earlier_time = 1, 0.0
+    if settings.resume:
+        initial_arrays, first_round, earlier_time = restore_run(
+            checkpoint_path, settings, strategy, recorder
+        )
     print(
         f"[cmd-fl] {settings.strategy} on {settings.dataset}: {layout.n_weights} CMD weights, "
-        f"{settings.num_server_rounds} rounds",
+        f"rounds {first_round}..{settings.num_server_rounds}",
         flush=True,
     )
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> None:
+        every = settings.checkpoint_every
+        if every and (server_round % every == 0 or server_round == settings.num_server_rounds):
+            elapsed = earlier_time + time.time() - started
+            save_run_checkpoint(
+                checkpoint_path, settings, strategy, recorder, arrays, server_round, elapsed
+            )
+
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=initial_arrays,
         num_rounds=settings.num_server_rounds,
         evaluate_fn=recorder.evaluate,
+        first_round=first_round,
+        after_round=after_round,
     )
-    summary = build_summary(settings, strategy, ledger, recorder.rows, time.time() - started)
-    out_dir = write_results(settings, summary, ledger)
+    wall_time = earlier_time + time.time() - started
+    summary = build_summary(run_name, settings, strategy, ledger, recorder.rows, wall_time)
+    write_results(out_dir, summary, ledger)
     print(f"[cmd-fl] results written to {out_dir}", flush=True)
     return RunOutcome(summary, strategy, ledger, out_dir, result.arrays)
 
 
+# Keys that may differ between a run and its resumption.
+_RESUMABLE_KEYS = {"resume", "num-server-rounds", "checkpoint-every"}
+
+
+def save_run_checkpoint(
+    path: Path,
+    settings: RunSettings,
+    strategy: MeteredFedAvg,
+    recorder: RunRecorder,
+    arrays: ArrayRecord,
+    server_round: int,
+    elapsed: float,
+) -> None:
+    """Write everything needed to resume after ``server_round`` (atomically, no pickle)."""
+    state_arrays, meta = strategy.checkpoint()
+    state_arrays.update(prefixed("global", {k: v.numpy() for k, v in arrays.items()}))
+    version, internal, gauss = random.getstate()
+    meta.update(
+        {
+            "round": server_round,
+            "config": settings.to_run_config(),
+            "global_keys": list(arrays.keys()),
+            "rows": recorder.rows,
+            "random_state": [version, list(internal), gauss],
+            "elapsed_s": elapsed,
+        }
+    )
+    save_checkpoint(path, state_arrays, meta)
+
+
+def restore_run(
+    path: Path, settings: RunSettings, strategy: MeteredFedAvg, recorder: RunRecorder
+) -> tuple[ArrayRecord, int, float]:
+    """Load a checkpoint into a fresh strategy; returns (global model, next round, time so far).
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no checkpoint for this run name.
+    ValueError
+        If the checkpoint was made with a different run config.
+    """
+    if not path.exists():
+        raise FileNotFoundError(
+            f"resume=true but there is no checkpoint at {path} (set run-name and results-dir "
+            "to those of the interrupted run)"
+        )
+    arrays, meta = load_checkpoint(path)
+    saved = {k: v for k, v in meta["config"].items() if k not in _RESUMABLE_KEYS}
+    current = {k: v for k, v in settings.to_run_config().items() if k not in _RESUMABLE_KEYS}
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    if changed:
+        raise ValueError(f"cannot resume: run config differs from the checkpoint's in {changed}")
+    strategy.restore(arrays, meta)
+    recorder.rows = list(meta["rows"])
+    version, internal, gauss = meta["random_state"]
+    random.setstate((version, tuple(internal), gauss))
+    model = unprefixed("global", arrays)
+    global_arrays = ArrayRecord({key: Array(model[key]) for key in meta["global_keys"]})
+    print(f"[cmd-fl] resumed from {path} after round {meta['round']}", flush=True)
+    return global_arrays, int(meta["round"]) + 1, float(meta["elapsed_s"])
+
+
 def build_summary(
+    run_name: str,
     settings: RunSettings,
     strategy: MeteredFedAvg,
     ledger: ByteLedger,
@@ -187,10 +278,6 @@ def build_summary(
 ) -> dict[str, Any]:
     """The content of ``summary.json``."""
     totals = ledger.totals()
-    run_name = settings.run_name or (
-        f"{settings.strategy}-{settings.dataset}-{settings.partitioning}-s{settings.seed}-"
-        f"{time.strftime('%Y%m%d-%H%M%S')}"
-    )
     return {
         "run_name": run_name,
         "strategy": settings.strategy,
@@ -209,16 +296,14 @@ def build_summary(
     }
 
 
-def write_results(settings: RunSettings, summary: dict[str, Any], ledger: ByteLedger) -> Path:
-    """Write ``summary.json`` and ``ledger.csv`` atomically under results-dir/run-name/."""
-    out_dir = settings.results_root() / summary["run_name"]
+def write_results(out_dir: Path, summary: dict[str, Any], ledger: ByteLedger) -> None:
+    """Write ``summary.json`` and ``ledger.csv`` atomically into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger.to_csv(out_dir / "ledger.csv")
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.tmp")
     with os.fdopen(fd, "w") as handle:
         json.dump(summary, handle, indent=2)
     os.replace(tmp, out_dir / "summary.json")
-    return out_dir
 
 
 @app.main()

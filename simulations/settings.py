@@ -63,6 +63,8 @@ class RunSettings:
     validation_size: int = 1000  # server-side validation split; 0 = none (no guard)
     min_valid_replies: int = 1
     max_num_examples: int = 0  # 0 = no bound
+    checkpoint_every: int = 1  # rounds between checkpoints; 0 = none
+    resume: bool = False  # continue <results-dir>/<run-name>/ from its checkpoint
     results_dir: str = ""  # absolute; "" = $CMD_FL_RESULTS or ~/cmd-fl-results
     run_name: str = ""  # "" = <strategy>-<dataset>-<partitioning>-s<seed>-<time>
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
+from cmd_fl.checkpoint import prefixed, unprefixed
 from cmd_fl.embedding import (
     EmbeddingHistory,
     EmbeddingSchedule,
@@ -31,6 +32,7 @@ from cmd_fl.payload import (
     extras_nbytes,
     model_checksum,
 )
+from cmd_fl.posthoc import CMDFit
 from cmd_fl.wire import pack_tensors, unpack_tensors
 from strategies.aggregation import weighted_average
 from strategies.metered import MeteredFedAvg, ParsedReply, RejectedReply
@@ -269,19 +271,22 @@ class CMDStrategy(MeteredFedAvg):
         fit = self.online.fit
         self.state = EmbeddingState(fit.modes, fit.references, version=1)
         self.history = EmbeddingHistory(self.state)
-        self.selector = EmbeddingSelector(
-            self.schedule,
-            fit,
-            rule=self.options.selection_rule,
-            max_abs_a=self.options.max_abs_a,
-            max_residual=self.options.max_residual,
-        )
+        self._start_selector(fit)
         sizes = np.bincount(fit.modes, minlength=fit.n_modes)
         logger.info(
             "round %d: CMD warm-up done: %d modes (sizes %s), state version 1",
             server_round,
             fit.n_modes,
             sizes.tolist(),
+        )
+
+    def _start_selector(self, fit: CMDFit) -> None:
+        self.selector = EmbeddingSelector(
+            self.schedule,
+            fit,
+            rule=self.options.selection_rule,
+            max_abs_a=self.options.max_abs_a,
+            max_residual=self.options.max_residual,
         )
 
     def _embedding_event(self, server_round: int) -> None:
@@ -336,6 +341,53 @@ class CMDStrategy(MeteredFedAvg):
                 "undone": undone,
             }
         )
+
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything CMD needs to continue bitwise as if never stopped.
+
+        Node state versions are not kept: a resumed run talks to new client contexts, so every
+        node gets a full state in its first round after the resume.
+        """
+        arrays, meta = super().checkpoint()
+        arrays.update(prefixed("online", self.online.to_arrays()))
+        if self.global_flat is not None:
+            arrays["global_flat"] = self.global_flat
+            arrays.update({f"extras.{i}": x for i, x in enumerate(self.global_extras)})
+        if self.state is not None:
+            assert self.history is not None and self.selector is not None
+            arrays.update(prefixed("state", self.state.to_arrays()))
+            arrays.update(prefixed("history", self.history.to_arrays()))
+            arrays.update(prefixed("selector", self.selector.to_arrays()))
+        meta.update(
+            {
+                "paused_until": self._paused_until,
+                "probe_rounds": sorted(self._probe_rounds),
+                "guard_events": self.guard_events,
+                "refresh_events": self.refresh_events,
+            }
+        )
+        return arrays, meta
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint` saved."""
+        super().restore(arrays, meta)
+        self.online.load_arrays(unprefixed("online", arrays))
+        if "global_flat" in arrays:
+            self.global_flat = arrays["global_flat"].astype(np.float32)
+            count = len([k for k in arrays if k.startswith("extras.")])
+            self.global_extras = [arrays[f"extras.{i}"] for i in range(count)]
+        if "state.modes" in arrays:
+            self.state = EmbeddingState.from_arrays(unprefixed("state", arrays))
+            self.history = EmbeddingHistory(self.state)
+            self.history.load_arrays(unprefixed("history", arrays))
+            self._start_selector(self.online.fit)
+            assert self.selector is not None
+            self.selector.load_arrays(unprefixed("selector", arrays))
+        self._paused_until = int(meta["paused_until"])
+        self._probe_rounds = set(meta["probe_rounds"])
+        self.guard_events = list(meta["guard_events"])
+        self.refresh_events = list(meta["refresh_events"])
+        self.node_versions = {}
 
     def _is_probe_round(self, server_round: int) -> bool:
         every = self.options.refresh_every

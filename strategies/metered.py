@@ -4,7 +4,7 @@ of every cmd-fl strategy."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,11 +19,11 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from cmd_fl.layout import ParameterLayout
-from cmd_fl.ledger import ByteLedger
+from cmd_fl.ledger import ByteLedger, LedgerRow
 from cmd_fl.payload import (
     CONFIG,
     DENSE_MODEL,
@@ -248,6 +248,83 @@ class MeteredFedAvg(FedAvg):
         return ArrayRecord(
             {key: Array(value) for key, value in zip(self._global.keys(), averaged, strict=True)}
         )
+
+    # --- the round loop, with resume ---------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+        after_round: Callable[[int, ArrayRecord], None] | None = None,
+    ) -> Result:
+        """Flower's round loop (train, client evaluation, server evaluation), able to resume.
+
+        Parameters are those of ``Strategy.start``, plus ``first_round`` (a resumed run starts
+        after its checkpoint's round; ``initial_arrays`` is then the checkpoint's model) and
+        ``after_round``, called with the round and the global model once a round is complete
+        (the checkpoint hook).
+        """
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        arrays = initial_arrays
+        result.arrays = arrays
+        if evaluate_fn is not None and first_round == 1:
+            initial = evaluate_fn(0, arrays)
+            if initial is not None:
+                result.evaluate_metrics_serverapp[0] = initial
+        for server_round in range(first_round, num_rounds + 1):
+            logger.info("[ROUND %d/%d]", server_round, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, train_config, grid),
+                timeout=timeout,
+            )
+            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+                result.arrays = arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
+            evaluate_messages = list(
+                self.configure_evaluate(server_round, arrays, evaluate_config, grid)
+            )
+            if evaluate_messages:
+                evaluate_metrics = self.aggregate_evaluate(
+                    server_round, grid.send_and_receive(evaluate_messages, timeout=timeout)
+                )
+                if evaluate_metrics is not None:
+                    result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
+            if evaluate_fn is not None:
+                server_metrics = evaluate_fn(server_round, arrays)
+                if server_metrics is not None:
+                    result.evaluate_metrics_serverapp[server_round] = server_metrics
+            if after_round is not None:
+                after_round(server_round, arrays)
+        return result
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The strategy's state as arrays and JSON metadata (the ledger included)."""
+        meta = {
+            "rejections": self.rejections,
+            "round_info": {str(k): v for k, v in self.round_info.items()},
+            "sent_checksums": {str(k): v for k, v in self.sent_checksums.items()},
+            "ledger": self.ledger.to_rows(),
+        }
+        return {}, meta
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint` saved (into a strategy built with the same config)."""
+        self.rejections = list(meta["rejections"])
+        self.round_info = {int(k): v for k, v in meta["round_info"].items()}
+        self.sent_checksums = {int(k): int(v) for k, v in meta["sent_checksums"].items()}
+        self.ledger.extend(LedgerRow(**row) for row in meta["ledger"])
 
     # --- evaluation (metered; off by default) -------------------------------------------------
     def configure_evaluate(
