@@ -218,9 +218,11 @@ class OnlineCMD:
         """Restore the state saved by :meth:`to_arrays` (same constructor arguments)."""
         self.n_snapshots = int(arrays["n_snapshots"])
         for name in self._STATE_FIELDS:
-            setattr(self, name, arrays.get(name.lstrip("_")))
+            value = arrays.get(name.lstrip("_"))
+            # Copies: the sums are updated in place and must not alias the caller's arrays.
+            setattr(self, name, None if value is None else np.array(value, copy=True))
         history = arrays.get("reference_history")
-        self.reference_history = [] if history is None else [row for row in history]
+        self.reference_history = [] if history is None else [row.copy() for row in history]
 
     def state_bytes(self) -> int:
         """Bytes held by the persistent per-weight and per-mode state (not the warm-up buffer)."""

@@ -76,7 +76,7 @@ class CMDModel:
 
     def to_record(self) -> ArrayRecord:
         """The model as one ArrayRecord of three (four with ``embedded``) arrays."""
-        parts = {
+        parts: dict[str, np.ndarray] = {
             _FREE: np.ascontiguousarray(self.free, dtype=np.float32),
             _REFS: np.ascontiguousarray(self.references, dtype=np.float32),
             _EXTRAS: np.ascontiguousarray(self.extras, dtype=np.uint8),
@@ -111,6 +111,7 @@ class CMDModel:
         if n_embedded is not None:
             expected[_EMBEDDED] = (np.dtype(np.float32), n_embedded)
         parts = from_array_record(record, expected)
+        flat_parts(parts)
         embedded = parts[_EMBEDDED].reshape(-1) if n_embedded is not None else None
         return cls(
             parts[_FREE].reshape(-1),
@@ -147,7 +148,7 @@ class APFModel:
 
     def to_record(self) -> ArrayRecord:
         """The model as one ArrayRecord of two to four arrays."""
-        parts = {
+        parts: dict[str, np.ndarray] = {
             _VALUES: np.ascontiguousarray(self.values, dtype=np.float32),
             _EXTRAS: np.ascontiguousarray(self.extras, dtype=np.uint8),
         }
@@ -199,6 +200,13 @@ class APFModel:
             mask=optional[_MASK],
             sync=optional[_SYNC],
         )
+
+
+def flat_parts(parts: dict[str, np.ndarray]) -> None:
+    """Every part of a model record is a flat vector; anything else is malformed."""
+    for key, value in parts.items():
+        if value.ndim != 1:
+            raise WireFormatError(f"part {key!r} has shape {value.shape}, expected a flat vector")
 
 
 def model_checksum(flat: np.ndarray, extras_blob: np.ndarray | bytes) -> int:

@@ -4,9 +4,10 @@ Everything cmd-fl sends between server and clients is built and read here, so th
 share one definition of each byte. Readers validate strictly and raise `WireFormatError` on
 anything malformed: a bad reply must be dropped, never averaged.
 
-Why pack: in Flower 1.42 every `Array` costs about 128 B of ``.npy`` header in the payload and
-about 250 B more of serialized objects on the wire, so small parts travel together in one
-``uint8`` blob.
+Why pack: in Flower 1.42 every `Array` costs 128 B of ``.npy`` header in the payload, about
+315 B more of serialized objects (the Array, its chunk header, its entry in the record) and
+about 140 B (down) to 270 B (up) of Fleet API control bytes: about 0.6 KB per Array beyond its
+data (see `cmd_fl.ledger`). Small parts therefore travel together in one ``uint8`` blob.
 """
 
 from __future__ import annotations
@@ -309,14 +310,18 @@ def unpack_tensors(
     """
     data = _as_byte_array(blob, "tensor blob")
     dtypes = [np.dtype(dtype) for _, dtype in specs]
-    sizes = [int(np.prod(shape, dtype=np.int64)) * dt.itemsize for (shape, _), dt in zip(specs, dtypes)]
+    shapes = [tuple(shape) for shape, _ in specs]
+    sizes = [
+        int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        for shape, dt in zip(shapes, dtypes, strict=True)
+    ]
     if sum(sizes) != data.size:
         raise WireFormatError(
             f"tensor blob has {data.size} bytes, the {len(specs)} specs need {sum(sizes)}"
         )
     out: list[np.ndarray] = []
     offset = 0
-    for (shape, _), dtype, size in zip(specs, dtypes, sizes):
+    for shape, dtype, size in zip(shapes, dtypes, sizes, strict=True):
         chunk = data[offset : offset + size]
         arr = chunk.view(_little_endian(dtype)).astype(dtype).reshape(shape)
         out.append(arr)
@@ -389,7 +394,7 @@ def from_array_record(
         item = record[key]
         try:
             arr = item.numpy()
-        except (TypeError, ValueError, EOFError) as err:
+        except (TypeError, ValueError, EOFError, OSError) as err:
             raise WireFormatError(f"part {key!r} cannot be decoded: {err}") from err
         if tuple(item.shape) != arr.shape:
             raise WireFormatError(
@@ -615,8 +620,7 @@ def _validate_state(delta: StateDelta, n_weights: int, n_modes: int) -> None:
             raise WireFormatError(f"{name} must be an int, got {type(value).__name__}")
     if not 0 <= delta.from_version <= delta.to_version < 2**63:
         raise WireFormatError(
-            f"versions must satisfy 0 <= from <= to, got {delta.from_version} -> "
-            f"{delta.to_version}"
+            f"versions must satisfy 0 <= from <= to, got {delta.from_version} -> {delta.to_version}"
         )
     embed = _checked_set(delta.embed_indices, n_weights, "embed indices")
     release = _checked_set(delta.release_indices, n_weights, "release indices")

@@ -389,6 +389,12 @@ class CMDStrategy(MeteredFedAvg):
         self.refresh_events = list(meta["refresh_events"])
         self.node_versions = {}
 
+    def extra_reply_bytes(self, server_round: int) -> int:
+        """A probe reply also carries the embedded weights' values."""
+        if server_round in self._probe_rounds and self.state is not None:
+            return 4 * self.state.n_embedded
+        return 0
+
     def _is_probe_round(self, server_round: int) -> bool:
         every = self.options.refresh_every
         return (

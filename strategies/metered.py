@@ -4,6 +4,7 @@ of every cmd-fl strategy."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,9 @@ from cmd_fl.wire import WireFormatError, from_array_record
 from strategies.aggregation import weighted_average
 
 logger = logging.getLogger("flwr.cmd_fl")
+
+# Bytes a reply may carry beyond the round's downlink payload (metrics, record keys).
+REPLY_ALLOWANCE = 16 * 1024
 
 
 class RejectedReply(ValueError):
@@ -82,6 +86,14 @@ class MeteredFedAvg(FedAvg):
         Fewest valid replies to update the model. Default 1.
     max_num_examples : int or None
         Replies claiming more examples are rejected. Default None (no bound).
+    max_abs_value : float
+        Replies holding a float of larger magnitude are rejected (finite but absurd values
+        would wreck the average). Default 1e6.
+
+    Besides, a node that replies twice in a round has all its replies dropped, a node that was
+    not sampled is not heard, and a reply may be at most as large as the round's largest
+    downlink payload plus what the protocol adds to replies (``extra_reply_bytes``) and
+    ``REPLY_ALLOWANCE`` for metrics.
     """
 
     def __init__(
@@ -96,6 +108,7 @@ class MeteredFedAvg(FedAvg):
         min_evaluate_nodes: int = 0,
         min_valid_replies: int = 1,
         max_num_examples: int | None = None,
+        max_abs_value: float = 1e6,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -110,7 +123,10 @@ class MeteredFedAvg(FedAvg):
         self.max_num_examples = max_num_examples
         self.rejections: list[dict[str, Any]] = []
         self.round_info: dict[int, dict[str, Any]] = {}
+        self.max_abs_value = max_abs_value
         self._global: ArrayRecord | None = None
+        self._sampled: dict[int, set[int]] = {}
+        self._reply_bound: dict[int, int] = {}
         self.sent_checksums: dict[int, int] = {}
 
     # --- sampling and sending -----------------------------------------------------------------
@@ -133,10 +149,16 @@ class MeteredFedAvg(FedAvg):
         config = ConfigRecord(dict(config.items()))
         config[SERVER_ROUND] = server_round
         messages = self.train_messages(server_round, arrays, config, node_ids)
+        largest = 0
         for message in messages:
-            self.ledger.record_message(
+            row = self.ledger.record_message(
                 server_round, "train", "down", message.metadata.dst_node_id, message
             )
+            largest = max(largest, row.payload_bytes)
+        self._sampled[server_round] = set(node_ids)
+        self._reply_bound[server_round] = (
+            largest + self.extra_reply_bytes(server_round) + REPLY_ALLOWANCE
+        )
         logger.info("round %d: sent %d training messages", server_round, len(messages))
         return messages
 
@@ -159,12 +181,17 @@ class MeteredFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Meter, validate and average the replies; None keeps the previous model."""
+        replies = list(replies)
+        counts = Counter(reply.metadata.src_node_id for reply in replies)
         accepted: list[ParsedReply] = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
-            self.ledger.record_message(server_round, "train", "up", node_id, reply)
+            row = self.ledger.record_message(server_round, "train", "up", node_id, reply)
             try:
-                accepted.append(self.parse_train_reply(server_round, reply))
+                self._check_envelope(server_round, node_id, counts[node_id], row.payload_bytes)
+                parsed = self.parse_train_reply(server_round, reply)
+                self._check_magnitudes(parsed)
+                accepted.append(parsed)
             except (RejectedReply, WireFormatError, KeyError, TypeError, ValueError) as err:
                 self.reject(server_round, node_id, str(err))
         if len(accepted) < max(1, self.min_valid_replies):
@@ -183,6 +210,33 @@ class MeteredFedAvg(FedAvg):
             values = [r.metrics[key] for r in accepted]
             metrics[key] = float(np.average(values, weights=weights))
         return arrays, metrics
+
+    def _check_envelope(
+        self, server_round: int, node_id: int, count: int, payload_bytes: int
+    ) -> None:
+        """Who may reply this round, once, and how large the reply may be."""
+        if count > 1:
+            raise RejectedReply(f"node sent {count} replies this round (all are dropped)")
+        sampled = self._sampled.get(server_round)
+        if sampled is not None and node_id not in sampled:
+            raise RejectedReply("node was not sampled this round")
+        bound = self._reply_bound.get(server_round)
+        if bound is not None and payload_bytes > bound:
+            raise RejectedReply(f"reply of {payload_bytes} B exceeds the round's bound {bound} B")
+
+    def _check_magnitudes(self, parsed: ParsedReply) -> None:
+        for value in parsed.arrays:
+            if value.dtype.kind == "f" and value.size:
+                largest = float(np.max(np.abs(value)))
+                if largest > self.max_abs_value:
+                    raise RejectedReply(
+                        f"a value of magnitude {largest:.3g} exceeds max_abs_value "
+                        f"{self.max_abs_value:g}"
+                    )
+
+    def extra_reply_bytes(self, server_round: int) -> int:
+        """Bytes a reply may carry beyond what the round's downlink carried (0 for FedAvg)."""
+        return 0
 
     def reject(self, server_round: int, node_id: int, reason: str) -> None:
         """Log and record a dropped reply."""
