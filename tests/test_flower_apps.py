@@ -212,3 +212,25 @@ def test_malformed_reply_is_dropped_and_leaves_no_trace(
             corrupted.final_arrays[key].numpy(), dropped.final_arrays[key].numpy()
         )
     assert all(np.isfinite(a.numpy()).all() for a in corrupted.final_arrays.values())
+
+
+def test_a_third_of_the_clients_failing_at_random_changes_nothing_else(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    failures = {(1000 + node, r) for node in range(6) for r in range(1, 10) if rng.random() < 1 / 3}
+
+    outcome, grid = simulate(
+        tmp_path,
+        failure=lambda node, r: (node, r) in failures,
+        num_partitions=6,
+        num_server_rounds=9,
+    )
+    strategy = outcome.strategy
+
+    assert [r["round"] for r in outcome.summary["rounds"]] == list(range(1, 10))
+    rejected = {(r["node_id"], r["round"]) for r in outcome.summary["rejected_replies"]["replies"]}
+    assert rejected == failures
+    answered = [e for e in grid.exchanges if (e.node_id, e.server_round) not in failures]
+    for exchange in answered:
+        client_view = exchange.reply.content.metric_records[METRICS]["model-checksum"]
+        assert client_view == strategy.sent_checksums[exchange.server_round]
+    assert outcome.summary["final_accuracy"] > 0.3
