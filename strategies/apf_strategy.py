@@ -34,6 +34,7 @@ from flwr.app import (
 )
 
 from cmd_fl.apf import DEFAULT_ALPHA, DEFAULT_THRESHOLD, AdaptiveFreezing
+from cmd_fl.checkpoint import prefixed, unprefixed
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger
 from cmd_fl.payload import (
@@ -149,6 +150,11 @@ class APFStrategy(MeteredFedAvg):
             self._pending[node] = (self.model_version, self.mask_id)
         return messages
 
+    def extra_reply_bytes(self, server_round: int) -> int:
+        """A reply carries the round's active values, which can outnumber the values a node was
+        sent (say, when many parameters thaw at once): its whole size is allowed."""
+        return 4 * int(self.active.size) + self._extras_bytes
+
     def _model_record(self, known: tuple[int, int], extras: np.ndarray) -> ArrayRecord:
         """The record for a node holding model version ``known[0]`` and mask id ``known[1]``."""
         assert self.global_flat is not None
@@ -157,10 +163,12 @@ class APFStrategy(MeteredFedAvg):
         if base == FULL_MODEL:
             return APFModel(self.global_flat, extras, mask=mask).to_record()
         changed = np.flatnonzero(self.last_changed > base)
-        sync: np.ndarray | None = encode_index_set(changed, self.layout.n_weights)
-        if np.array_equal(sync, self.masks[known_mask]):
-            sync = None  # the node's own mask says which values these are
-        return APFModel(self.global_flat[changed], extras, mask=mask, sync=sync).to_record()
+        sync = encode_index_set(changed, self.layout.n_weights)
+        # The node's own mask says which values these are when it is the same set.
+        implied = np.array_equal(sync, self.masks[known_mask])
+        return APFModel(
+            self.global_flat[changed], extras, mask=mask, sync=None if implied else sync
+        ).to_record()
 
     # --- receiving ----------------------------------------------------------------------------
     def aggregate_train(
@@ -192,8 +200,6 @@ class APFStrategy(MeteredFedAvg):
         content = self.reply_content(reply)
         metrics = self.reply_metrics(server_round, content)
         node = reply.metadata.src_node_id
-        if node not in self._pending:
-            raise RejectedReply("no training message was sent to this node this round")
         mask_id = metrics.pop(APF_MASK_ID, None)
         if mask_id != self.mask_id:
             raise RejectedReply(f"trained with mask {mask_id}, the round's is {self.mask_id}")
@@ -233,6 +239,41 @@ class APFStrategy(MeteredFedAvg):
             self.freezing.threshold,
         )
         return self.global_arrays()
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything APF needs to continue bitwise as if never stopped.
+
+        What nodes hold is not kept: a resumed run talks to new client contexts, so every node
+        gets the whole model in its first round after the resume.
+        """
+        arrays, meta = super().checkpoint()
+        freezing_arrays, freezing_meta = self.freezing.checkpoint()
+        arrays.update(prefixed("apf", freezing_arrays))
+        arrays["last_changed"] = self.last_changed
+        if self.global_flat is not None:
+            arrays["global_flat"] = self.global_flat
+            arrays.update({f"extras.{i}": x for i, x in enumerate(self.global_extras)})
+        if self.mask_id:
+            arrays["mask"] = self.masks[self.mask_id]
+        meta.update(
+            {"apf": freezing_meta, "model_version": self.model_version, "mask_id": self.mask_id}
+        )
+        return arrays, meta
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint` saved."""
+        super().restore(arrays, meta)
+        self.freezing.restore(unprefixed("apf", arrays), meta["apf"])
+        self.last_changed = arrays["last_changed"].astype(np.int64)
+        if "global_flat" in arrays:
+            self.global_flat = arrays["global_flat"].astype(np.float32)
+            count = len([k for k in arrays if k.startswith("extras.")])
+            self.global_extras = [arrays[f"extras.{i}"] for i in range(count)]
+        self.model_version = int(meta["model_version"])
+        self.mask_id = int(meta["mask_id"])
+        self.masks = {self.mask_id: arrays["mask"]} if self.mask_id else {}
+        self.node_state = {}
 
     # --- the global model ---------------------------------------------------------------------
     def _set_global(self, arrays: ArrayRecord) -> None:
