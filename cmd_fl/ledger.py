@@ -10,7 +10,11 @@ from formulas:
   for object pushes (uplink) and pulls (downlink) on the Fleet API;
 - control: the Fleet API protobuf request and response that carry the message's metadata and
   object tree (``PullMessages`` down, ``PushMessages`` up). The SuperLink counts these too, so
-  ``wire + control`` summed over a run is what ``flwr ls --run-id N`` reports as traffic.
+  ``wire + control`` summed over a run is what ``flwr ls --run-id N`` reports as total traffic.
+  Per direction the two differ by design: Flower books every request as inbound and every
+  response as outbound, whereas a row's control bytes are its message's request and response
+  together (docs/deployment.md). Neither counts heartbeats, GetRun, GetFab or
+  ConfirmMessageReceived, nor a reply the SuperLink writes itself (NODE_UNAVAILABLE).
 
 Wire bytes are the headline number. Checked against a deployed SuperLink (two SuperNodes, two
 rounds, ``flwr ls`` network-traffic): downlink objects and control bytes agreed to the byte.
@@ -36,6 +40,7 @@ from typing import Literal, get_args
 
 from flwr.app import Message, RecordDict
 from flwr.app.message.message import remove_content_from_message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import message_to_proto
 from flwr.proto.fleet_pb2 import (  # pylint: disable=no-name-in-module
     PullMessagesRequest,
@@ -305,7 +310,9 @@ class ByteLedger:
         node_id : int
             The client's node id.
         message : Message
-            The message as sent or received. An error reply has no content: payload 0.
+            The message as sent or received. An error reply has no content: payload 0. A reply
+            the SuperLink made itself (source node ``SUPERLINK_NODE_ID``) never crossed the
+            network: wire and control 0.
         kind : str, default "message"
             What the message carried.
 
@@ -315,6 +322,12 @@ class ByteLedger:
             The row added.
         """
         payload = message_payload_bytes(message.content) if message.has_content() else 0
+        wire = message_wire_bytes(message, direction)
+        control = message_control_bytes(message, direction)
+        if direction == "up" and message.metadata.src_node_id == SUPERLINK_NODE_ID:
+            # The SuperLink wrote this reply itself (an error such as NODE_UNAVAILABLE for a
+            # node that stopped sending heartbeats): nothing crossed the Fleet API.
+            wire = control = 0
         row = LedgerRow(
             round=int(round),
             phase=phase,
@@ -322,8 +335,8 @@ class ByteLedger:
             node_id=int(node_id),
             kind=kind,
             payload_bytes=payload,
-            wire_bytes=message_wire_bytes(message, direction),
-            control_bytes=message_control_bytes(message, direction),
+            wire_bytes=wire,
+            control_bytes=control,
         )
         self.append(row)
         return row

@@ -63,7 +63,7 @@ class CMDModel:
     references : ndarray, float32, shape (M,)
         Values of the M reference weights (the mode coefficients).
     extras : ndarray, uint8
-        The dense extras (buffers) packed into one blob.
+        The dense extras (buffers) packed into one blob; a model without buffers sends none.
     embedded : ndarray, float32, or None
         Uplink of a refresh probe only: the locally trained values of the embedded weights, in
         index order, so the server can see which ones drifted off the CMD model.
@@ -79,8 +79,9 @@ class CMDModel:
         parts: dict[str, np.ndarray] = {
             _FREE: np.ascontiguousarray(self.free, dtype=np.float32),
             _REFS: np.ascontiguousarray(self.references, dtype=np.float32),
-            _EXTRAS: np.ascontiguousarray(self.extras, dtype=np.uint8),
         }
+        if self.extras.size:  # a model without buffers sends no empty array (~430 B each)
+            parts[_EXTRAS] = np.ascontiguousarray(self.extras, dtype=np.uint8)
         if self.embedded is not None:
             parts[_EMBEDDED] = np.ascontiguousarray(self.embedded, dtype=np.float32)
         return to_array_record(parts)
@@ -106,19 +107,16 @@ class CMDModel:
         expected: dict[str, tuple[np.dtype | type, int | None]] = {
             _FREE: (np.dtype(np.float32), n_free),
             _REFS: (np.dtype(np.float32), n_modes),
-            _EXTRAS: (np.dtype(np.uint8), extras_bytes),
         }
+        if extras_bytes:
+            expected[_EXTRAS] = (np.dtype(np.uint8), extras_bytes)
         if n_embedded is not None:
             expected[_EMBEDDED] = (np.dtype(np.float32), n_embedded)
         parts = from_array_record(record, expected)
         flat_parts(parts)
         embedded = parts[_EMBEDDED].reshape(-1) if n_embedded is not None else None
-        return cls(
-            parts[_FREE].reshape(-1),
-            parts[_REFS].reshape(-1),
-            parts[_EXTRAS].reshape(-1),
-            embedded,
-        )
+        extras = parts[_EXTRAS] if extras_bytes else np.empty(0, dtype=np.uint8)
+        return cls(parts[_FREE], parts[_REFS], extras, embedded)
 
 
 @dataclass(frozen=True)

@@ -9,27 +9,19 @@ from flwr.clientapp import ClientApp
 from clients.apf_client import APFClient
 from clients.cmd_client import CMDClient, OptimizerHook, Projection
 from cmd_fl.payload import APF_MODEL
-from simulations.federation import client_dataset
+from simulations.node_data import node_dataset
 from simulations.settings import RunSettings
 from simulations.task import build_model, train
 
 app = ClientApp()
 
 
-def _node_partition(context: Context, settings: RunSettings) -> tuple[int, int]:
-    config = context.node_config
-    if "partition-id" not in config:
-        raise ValueError("node config lacks 'partition-id' (set it with --node-config)")
-    num = int(str(config.get("num-partitions", settings.num_partitions)))
-    return int(str(config["partition-id"])), num
-
-
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    """Train this node's model on its partition, under CMD when the server runs it."""
+    """Train this node's model on its data, under CMD when the server runs it."""
     settings = RunSettings.from_run_config(dict(context.run_config))
-    partition_id, num_partitions = _node_partition(context, settings)
-    data = client_dataset(settings, partition_id, num_partitions)
+    # The node's own data (--node-config data-path=...) or its partition of a built-in set.
+    data, data_seed = node_dataset(settings, context.node_config)
     server_round = int(str(msg.content.config_records["config"]["server-round"]))
     torch.set_num_threads(1)  # one simulated client per CPU core
 
@@ -40,7 +32,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             epochs=settings.local_epochs,
             batch_size=settings.batch_size,
             lr=settings.learning_rate,
-            seed=settings.seed * 1_000_003 + server_round * 1009 + partition_id,
+            seed=settings.seed * 1_000_003 + server_round * 1009 + data_seed,
             momentum=settings.momentum,
             optimizer_hook=hook,
         )

@@ -9,12 +9,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torchvision
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 DATASETS = ("fashion-mnist", "digits", "cifar10")
 PARTITIONINGS = ("iid", "dirichlet")
@@ -97,6 +95,13 @@ class ArrayDataset:
         return ArrayDataset(self.x[index], self.y[index], self.num_classes)
 
 
+def _torchvision() -> Any:
+    """torchvision, imported on first use (it is slow to import and digits does not need it)."""
+    import torchvision
+
+    return torchvision
+
+
 def default_data_root() -> Path:
     """Return the data root: env ``CMD_FL_DATA`` or ``~/.cache/cmd-fl/data``."""
     return Path(os.environ.get(DATA_ENV_VAR, str(DEFAULT_DATA_ROOT))).expanduser()
@@ -155,7 +160,7 @@ def _load_fashion_mnist(root: Path) -> tuple[ArrayDataset, ArrayDataset]:
     _ensure_fashion_mnist_raw(root / "FashionMNIST" / "raw")
     splits = []
     for train in (True, False):
-        data = torchvision.datasets.FashionMNIST(str(root), train=train, download=False)
+        data = _torchvision().datasets.FashionMNIST(str(root), train=train, download=False)
         x = data.data.unsqueeze(1).float().div(255.0)
         x = (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
         splits.append(ArrayDataset(x, data.targets.long(), num_classes=10))
@@ -213,7 +218,7 @@ def _load_cifar10(root: Path) -> tuple[ArrayDataset, ArrayDataset]:
     std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
     splits = []
     for train in (True, False):
-        data = torchvision.datasets.CIFAR10(str(root), train=train, download=False)
+        data = _torchvision().datasets.CIFAR10(str(root), train=train, download=False)
         x = torch.as_tensor(data.data).permute(0, 3, 1, 2).float().div(255.0)
         y = torch.as_tensor(data.targets, dtype=torch.int64)
         splits.append(ArrayDataset((x - mean) / std, y, num_classes=10))
@@ -263,6 +268,11 @@ def partition_indices(
         raise ValueError(f"num_partitions must be in [1, {len(labels)}], got {num_partitions}")
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
+    # Imported here: a deployed ClientApp starts a fresh process per message, and these heavy
+    # imports are only needed where partitions are computed.
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
     table = Dataset.from_dict({"label": labels, "idx": np.arange(len(labels))})
     partitioner: Partitioner
     if partitioning == "iid":

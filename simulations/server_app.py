@@ -194,6 +194,7 @@ def run(grid: Grid, settings: RunSettings) -> RunOutcome:
         grid=grid,
         initial_arrays=initial_arrays,
         num_rounds=settings.num_server_rounds,
+        timeout=settings.round_timeout,
         evaluate_fn=recorder.evaluate,
         first_round=first_round,
         after_round=after_round,

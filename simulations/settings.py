@@ -62,6 +62,7 @@ class RunSettings:
     cmd_refresh_tolerance: float = 0.25
     validation_size: int = 1000  # server-side validation split; 0 = none (no guard)
     min_valid_replies: int = 1
+    round_timeout: float = 600.0  # seconds a round waits for replies; late ones are dropped
     max_num_examples: int = 0  # 0 = no bound
     checkpoint_every: int = 1  # rounds between checkpoints; 0 = none
     resume: bool = False  # continue <results-dir>/<run-name>/ from its checkpoint

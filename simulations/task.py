@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from simulations.data import ArrayDataset
@@ -59,6 +58,8 @@ def cifar_resnet18(num_classes: int = 10) -> nn.Module:
     The 7x7 stride-2 stem and its max-pool would shrink 32x32 images to 8x8 before the first
     block, so conv1 becomes 3x3 stride 1 and the max-pool is dropped. Never pretrained.
     """
+    import torchvision  # only this model needs it, and it is slow to import
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()

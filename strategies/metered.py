@@ -19,6 +19,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -126,6 +127,7 @@ class MeteredFedAvg(FedAvg):
         self.max_abs_value = max_abs_value
         self._global: ArrayRecord | None = None
         self._sampled: dict[int, set[int]] = {}
+        self._instructions: dict[int, list[Message]] = {}
         self._reply_bound: dict[int, int] = {}
         self.sent_checksums: dict[int, int] = {}
 
@@ -156,6 +158,7 @@ class MeteredFedAvg(FedAvg):
             )
             largest = max(largest, row.payload_bytes)
         self._sampled[server_round] = set(node_ids)
+        self._instructions[server_round] = messages  # the Grid sets their ids when it pushes
         self._reply_bound[server_round] = (
             largest + self.extra_reply_bytes(server_round) + REPLY_ALLOWANCE
         )
@@ -181,13 +184,19 @@ class MeteredFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Meter, validate and average the replies; None keeps the previous model."""
-        replies = list(replies)
-        counts = Counter(reply.metadata.src_node_id for reply in replies)
+        instructions = {
+            m.metadata.message_id: m.metadata.dst_node_id
+            for m in self._instructions.pop(server_round, [])
+            if m.metadata.message_id
+        }
+        resolved = [(reply, *self._reply_node(reply, instructions)) for reply in replies]
+        counts = Counter(node_id for _, node_id, _ in resolved)
         accepted: list[ParsedReply] = []
-        for reply in replies:
-            node_id = reply.metadata.src_node_id
+        for reply, node_id, problem in resolved:
             row = self.ledger.record_message(server_round, "train", "up", node_id, reply)
             try:
+                if problem:
+                    raise RejectedReply(problem)
                 self._check_envelope(server_round, node_id, counts[node_id], row.payload_bytes)
                 parsed = self.parse_train_reply(server_round, reply)
                 self._check_magnitudes(parsed)
@@ -210,6 +219,25 @@ class MeteredFedAvg(FedAvg):
             values = [r.metrics[key] for r in accepted]
             metrics[key] = float(np.average(values, weights=weights))
         return arrays, metrics
+
+    @staticmethod
+    def _reply_node(reply: Message, instructions: dict[str, int]) -> tuple[int, str | None]:
+        """The node a reply is from, and why it cannot be trusted (None if it can).
+
+        A reply is matched to its instruction: the SuperLink answers for a node that vanished
+        with an error reply of its own (source: the SuperLink), which belongs to that node.
+        """
+        source = reply.metadata.src_node_id
+        if not instructions:  # messages that were never pushed (unit tests): trust the source
+            return source, None
+        target = instructions.get(reply.metadata.reply_to_message_id)
+        if target is None:
+            return source, "reply answers no instruction of this round"
+        if source == SUPERLINK_NODE_ID:
+            return target, None
+        if source != target:
+            return source, f"reply answers node {target}'s instruction"
+        return target, None
 
     def _check_envelope(
         self, server_round: int, node_id: int, count: int, payload_bytes: int
