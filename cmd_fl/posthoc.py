@@ -111,7 +111,9 @@ def sample_weights(
     base = np.concatenate(chosen)
     remaining = n_samples - base.size
     if remaining > 0:
-        pool = np.setdiff1d(np.arange(n_weights, dtype=np.int64), base, assume_unique=True)
+        available = np.ones(n_weights, dtype=bool)
+        available[base] = False
+        pool = np.flatnonzero(available)
         base = np.concatenate([base, rng.choice(pool, size=remaining, replace=False)])
     return np.sort(base).astype(np.int64)
 
@@ -189,7 +191,7 @@ def assign_and_fit(
     scale = np.maximum(np.abs(ref_traj).max(axis=1), 1e-300)
     degenerate = ref_ss <= (t * (scale * 1e-12) ** 2)
     inv_ss = np.where(degenerate, 0.0, 1.0 / np.where(degenerate, 1.0, ref_ss))
-    ref_unit = ref_centred * np.sqrt(inv_ss)[:, None]
+    sqrt_inv_ss = np.sqrt(inv_ss)
 
     out_modes = np.empty(n, dtype=np.int64) if modes is None else np.asarray(modes, np.int64)
     a = np.empty(n, dtype=np.float64)
@@ -202,7 +204,7 @@ def assign_and_fit(
         cross = centred @ ref_centred.T  # (chunk, M): sum_t (w - mean w)(r - mean r)
         if modes is None:
             # argmax |corr| = argmax |cross| / ||ref||: the weight's own norm does not matter.
-            scores = np.abs(centred @ ref_unit.T)
+            scores = np.abs(cross) * sqrt_inv_ss
             chunk_modes = scores.argmax(axis=1)
             chunk_modes[scores.max(axis=1) == 0] = 0
             out_modes[start : start + block.shape[0]] = chunk_modes
