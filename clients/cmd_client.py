@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
-from cmd_fl.embedding import EmbeddingState, apply_delta
+from cmd_fl.embedding import EmbeddingState
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.payload import (
     CMD_MODEL,
@@ -29,6 +29,7 @@ from cmd_fl.payload import (
     save_state,
     state_checksum,
 )
+from cmd_fl.sync import apply_delta
 from cmd_fl.torch_projection import EmbeddedProjector
 from cmd_fl.wire import StateDelta, pack_tensors, unpack_tensors
 

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from cmd_fl.embedding import EmbeddingState, apply_delta
+from cmd_fl.embedding import EmbeddingState
 from cmd_fl.layout import ParameterLayout
+from cmd_fl.sync import apply_delta
 from cmd_fl.wire import (
     StateDelta,
     WireFormatError,

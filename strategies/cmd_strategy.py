@@ -12,7 +12,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from cmd_fl.checkpoint import prefixed, unprefixed
 from cmd_fl.embedding import (
-    EmbeddingHistory,
     EmbeddingSchedule,
     EmbeddingSelector,
     EmbeddingState,
@@ -33,6 +32,7 @@ from cmd_fl.payload import (
     model_checksum,
 )
 from cmd_fl.posthoc import CMDFit
+from cmd_fl.sync import EmbeddingHistory
 from cmd_fl.wire import pack_tensors, unpack_tensors
 from strategies.aggregation import weighted_average
 from strategies.metered import MeteredFedAvg, ParsedReply, RejectedReply

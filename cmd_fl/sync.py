@@ -1,0 +1,104 @@
+"""Keeping clients' CMD state in step with the server's: the version log and state deltas."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cmd_fl.embedding import EmbeddingState
+from cmd_fl.wire import StateDelta
+
+
+class EmbeddingHistory:
+    """The server's log of embedding changes, so any client can be brought up to date.
+
+    Every version after the first records which weights it embedded and released. The delta
+    from version v to the current one is composed from the current state: a weight touched by
+    any change after v is sent as it is now (embedded with its current coefficients, or
+    released). Re-applying a change is harmless, so a client that already got part of it (its
+    reply was lost) ends in the same state.
+
+    Parameters
+    ----------
+    state : EmbeddingState
+        The state at its first version (right after warm-up).
+    """
+
+    def __init__(self, state: EmbeddingState) -> None:
+        self.first_version = state.version
+        self._touched: dict[int, np.ndarray] = {}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The log as named arrays (for checkpoints)."""
+        out = {"first_version": np.asarray(self.first_version)}
+        out.update({f"touched.{v}": t for v, t in self._touched.items()})
+        return out
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`to_arrays` saved."""
+        self.first_version = int(arrays["first_version"])
+        self._touched = {
+            int(key.split(".", 1)[1]): value.astype(np.int64)
+            for key, value in arrays.items()
+            if key.startswith("touched.")
+        }
+
+    def record(self, version: int, touched: np.ndarray) -> None:
+        """Log that ``version`` changed the weights ``touched`` (embedded or released)."""
+        self._touched[version] = np.asarray(touched, dtype=np.int64)
+
+    def delta(self, state: EmbeddingState, from_version: int) -> StateDelta:
+        """What a client at ``from_version`` (0: nothing) needs to reach ``state.version``."""
+        if from_version > state.version:
+            raise ValueError(f"version {from_version} is newer than the server's {state.version}")
+        if from_version < self.first_version:
+            emb = state.embedded_indices
+            return StateDelta(
+                from_version=0,
+                to_version=state.version,
+                embed_indices=emb,
+                embed_a=state.frozen_a[emb],
+                embed_b=state.frozen_b[emb],
+                modes=state.modes,
+                references=state.references,
+            )
+        later = [t for v, t in self._touched.items() if v > from_version]
+        touched = np.unique(np.concatenate(later)) if later else np.empty(0, dtype=np.int64)
+        now_embedded = state.embedded[touched]
+        emb = touched[now_embedded]
+        return StateDelta(
+            from_version=from_version,
+            to_version=state.version,
+            embed_indices=emb,
+            embed_a=state.frozen_a[emb],
+            embed_b=state.frozen_b[emb],
+            release_indices=touched[~now_embedded],
+        )
+
+
+def apply_delta(state: EmbeddingState | None, delta: StateDelta) -> EmbeddingState:
+    """A client's state after ``delta`` (a new object for a full state, else ``state`` changed).
+
+    Raises
+    ------
+    ValueError
+        If the delta does not start from a version the client can use: a gap (the client is
+        older than ``delta.from_version``) or a client newer than ``delta.to_version``.
+    """
+    if delta.is_full:
+        assert delta.modes is not None and delta.references is not None
+        fresh = EmbeddingState(delta.modes, delta.references, version=delta.to_version)
+        fresh.embed(delta.embed_indices, delta.embed_a, delta.embed_b)
+        return fresh
+    if state is None:
+        raise ValueError("client has no CMD state and the server sent a partial delta")
+    if not delta.from_version <= state.version <= delta.to_version:
+        raise ValueError(
+            f"delta {delta.from_version}->{delta.to_version} cannot update a client at version "
+            f"{state.version}"
+        )
+    if delta.release_indices.size:
+        state.release(delta.release_indices)
+    if delta.embed_indices.size:
+        state.embed(delta.embed_indices, delta.embed_a, delta.embed_b)
+    state.version = delta.to_version
+    return state
