@@ -147,7 +147,7 @@ MUTATIONS: dict[str, Mutation] = {
 
 
 @settings(
-    max_examples=60,
+    max_examples=120,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
