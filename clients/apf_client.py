@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from torch.utils.hooks import RemovableHandle
 
-from clients.cmd_client import TrainFn, _metric_record
+from clients.cmd_client import TrainFn, metric_record
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.payload import (
     APF_BASE_VERSION,
@@ -24,6 +22,7 @@ from cmd_fl.payload import (
     extras_nbytes,
     model_checksum,
 )
+from cmd_fl.torch_projection import StepPostHook
 from cmd_fl.wire import (
     decode_index_set,
     from_array_record,
@@ -43,7 +42,7 @@ class _FrozenPart:
     values: torch.Tensor  # their synchronised values
 
 
-class FrozenEntryReset:
+class FrozenEntryReset(StepPostHook):
     """Resets the frozen entries of a live model to their synchronised values after every
     optimizer step.
 
@@ -69,6 +68,7 @@ class FrozenEntryReset:
         frozen: np.ndarray,
         synced: np.ndarray,
     ) -> None:
+        super().__init__()
         if frozen.shape != (layout.n_weights,) or synced.shape != (layout.n_weights,):
             raise ValueError(f"frozen mask and synced model must have {layout.n_weights} entries")
         params = dict(module.named_parameters())
@@ -86,7 +86,6 @@ class FrozenEntryReset:
                     values=values.to(param.device, param.dtype),
                 )
             )
-        self._handles: list[RemovableHandle] = []
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -94,20 +93,9 @@ class FrozenEntryReset:
         for part in self._parts:
             part.param.data.view(-1)[part.local_idx] = part.values
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> FrozenEntryReset:
-        """Reset after each step of ``optimizer``; returns self."""
-        self._handles.append(optimizer.register_step_post_hook(self._after_step))
+    def after_step(self) -> None:
+        """Reset the frozen entries (the step post-hook)."""
         self.reset()
-        return self
-
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.reset()
-
-    def detach(self) -> None:
-        """Remove every hook this object registered."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 @dataclass
@@ -178,7 +166,7 @@ class APFClient:
         reply = RecordDict(
             {
                 APF_MODEL: APFModel(values, extras_blob).to_record(),
-                METRICS: _metric_record(metrics),
+                METRICS: metric_record(metrics),
             }
         )
         return Message(reply, reply_to=msg)

@@ -106,7 +106,7 @@ class CMDClient:
         return RecordDict(
             {
                 DENSE_MODEL: ArrayRecord(self.model.state_dict()),
-                METRICS: _metric_record(metrics),
+                METRICS: metric_record(metrics),
             }
         )
 
@@ -147,7 +147,7 @@ class CMDClient:
         return RecordDict(
             {
                 CMD_MODEL: CMDModel(free, refs, extras_blob, embedded).to_record(),
-                METRICS: _metric_record(metrics),
+                METRICS: metric_record(metrics),
             }
         )
 
@@ -176,10 +176,11 @@ class CMDClient:
         arrays = msg.content.array_records[DENSE_MODEL]
         self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         metrics = dict(evaluate_fn(self.model))
-        return Message(RecordDict({METRICS: _metric_record(metrics)}), reply_to=msg)
+        return Message(RecordDict({METRICS: metric_record(metrics)}), reply_to=msg)
 
 
-def _metric_record(metrics: Mapping[str, float]) -> MetricRecord:
+def metric_record(metrics: Mapping[str, float]) -> MetricRecord:
+    """Metrics as a MetricRecord: ``num-examples`` and ints as int, the rest as float."""
     out = MetricRecord()
     for key, value in metrics.items():
         out[key] = int(value) if isinstance(value, int) or key == NUM_EXAMPLES else float(value)

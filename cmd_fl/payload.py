@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from cmd_fl.embedding import EmbeddingState
 from cmd_fl.layout import ParameterLayout
-from cmd_fl.sync import apply_delta
+from cmd_fl.sync import apply_delta, full_state
 from cmd_fl.wire import (
     StateDelta,
     WireFormatError,
@@ -221,17 +221,7 @@ def state_checksum(layout: ParameterLayout, state: Mapping[str, Any]) -> int:
 
 def save_state(store: RecordDict, key: str, state: EmbeddingState) -> None:
     """Persist a client's CMD state into a RecordDict (``context.state``), compactly."""
-    emb = state.embedded_indices
-    full = StateDelta(
-        from_version=0,
-        to_version=state.version,
-        embed_indices=emb,
-        embed_a=state.frozen_a[emb],
-        embed_b=state.frozen_b[emb],
-        modes=state.modes,
-        references=state.references,
-    )
-    store[key] = full.to_array_record(state.n_weights, state.n_modes)
+    store[key] = full_state(state).to_array_record(state.n_weights, state.n_modes)
     store[key + ".meta"] = ConfigRecord({N_MODES: state.n_modes})
 
 

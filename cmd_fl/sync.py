@@ -8,6 +8,20 @@ from cmd_fl.embedding import EmbeddingState
 from cmd_fl.wire import StateDelta
 
 
+def full_state(state: EmbeddingState) -> StateDelta:
+    """Everything a client with no state needs (also how a client persists its own state)."""
+    emb = state.embedded_indices
+    return StateDelta(
+        from_version=0,
+        to_version=state.version,
+        embed_indices=emb,
+        embed_a=state.frozen_a[emb],
+        embed_b=state.frozen_b[emb],
+        modes=state.modes,
+        references=state.references,
+    )
+
+
 class EmbeddingHistory:
     """The server's log of embedding changes, so any client can be brought up to date.
 
@@ -51,16 +65,7 @@ class EmbeddingHistory:
         if from_version > state.version:
             raise ValueError(f"version {from_version} is newer than the server's {state.version}")
         if from_version < self.first_version:
-            emb = state.embedded_indices
-            return StateDelta(
-                from_version=0,
-                to_version=state.version,
-                embed_indices=emb,
-                embed_a=state.frozen_a[emb],
-                embed_b=state.frozen_b[emb],
-                modes=state.modes,
-                references=state.references,
-            )
+            return full_state(state)
         later = [t for v, t in self._touched.items() if v > from_version]
         touched = np.unique(np.concatenate(later)) if later else np.empty(0, dtype=np.int64)
         now_embedded = state.embedded[touched]

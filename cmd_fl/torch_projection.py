@@ -23,7 +23,37 @@ class _TensorPart:
     keep: torch.Tensor  # gradient mask: 0 on embedded entries
 
 
-class EmbeddedProjector:
+class StepPostHook:
+    """Runs :meth:`after_step` after every step of an optimizer it is attached to.
+
+    Subclasses implement ``after_step``; ``attach`` also runs it once, so the model obeys the
+    constraint before the first step.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def after_step(self) -> None:
+        """Restore the constraint on the live model."""
+        raise NotImplementedError
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> StepPostHook:
+        """Hook into ``optimizer``; returns self."""
+        self._handles.append(optimizer.register_step_post_hook(self._on_step))
+        self.after_step()
+        return self
+
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.after_step()
+
+    def detach(self) -> None:
+        """Remove every hook this object registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class EmbeddedProjector(StepPostHook):
     """Masks the gradients of embedded weights and re-projects them after every optimizer step.
 
     After each ``optimizer.step()`` every embedded weight equals ``a * w_ref + b`` exactly
@@ -43,6 +73,7 @@ class EmbeddedProjector:
     def __init__(
         self, module: torch.nn.Module, layout: ParameterLayout, state: EmbeddingState
     ) -> None:
+        super().__init__()
         if state.n_weights != layout.n_weights:
             raise ValueError(f"state has {state.n_weights} weights, the layout {layout.n_weights}")
         params = dict(module.named_parameters())
@@ -71,7 +102,6 @@ class EmbeddedProjector:
                     keep=keep.view(spec.shape).to(param.device),
                 )
             )
-        self._handles: list[RemovableHandle] = []
 
     def reference_values(self) -> torch.Tensor:
         """The current M reference values (float32)."""
@@ -93,15 +123,9 @@ class EmbeddedProjector:
         for part in self._parts:
             keep = part.keep
             self._handles.append(part.param.register_hook(lambda grad, keep=keep: grad * keep))
-        self._handles.append(optimizer.register_step_post_hook(self._after_step))
-        self.project()
+        super().attach(optimizer)
         return self
 
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def after_step(self) -> None:
+        """Project the embedded weights (the step post-hook)."""
         self.project()
-
-    def detach(self) -> None:
-        """Remove every hook this projector registered."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -50,7 +49,8 @@ from cmd_fl.payload import (
 )
 from cmd_fl.wire import encode_index_set, pack_tensors, unpack_tensors
 from strategies.aggregation import weighted_average
-from strategies.metered import MeteredFedAvg, ParsedReply, RejectedReply
+from strategies.flat_model import FlatModelStrategy
+from strategies.metered import ParsedReply, RejectedReply
 
 logger = logging.getLogger("flwr.cmd_fl")
 
@@ -58,7 +58,7 @@ FULL_MODEL = -1
 """``apf-base-version`` of a message whose values are the whole flat model."""
 
 
-class APFStrategy(MeteredFedAvg):
+class APFStrategy(FlatModelStrategy):
     """Federated APF: only active parameters travel; the server decides the mask.
 
     The APF logic starts at round 1 (every parameter is active in it). Nodes are tracked by the
@@ -99,8 +99,6 @@ class APFStrategy(MeteredFedAvg):
         self.freezing = AdaptiveFreezing(
             layout.n_weights, alpha, threshold, random_freeze=random_freeze, seed=seed
         )
-        self.global_flat: np.ndarray | None = None
-        self.global_extras: list[np.ndarray] = []
         self.last_changed = np.zeros(layout.n_weights, dtype=np.int64)  # round of last update
         self.model_version = 0  # the last round that changed the global model
         self.mask_id = 0
@@ -118,7 +116,7 @@ class APFStrategy(MeteredFedAvg):
     ) -> list[Message]:
         """One message per node: the values it lacks, the extras, the mask if its own is stale."""
         if self.global_flat is None:  # the first round: the initial model
-            self._set_global(arrays)
+            self.set_global(arrays)
         assert self.global_flat is not None
         n_weights = self.layout.n_weights
         self.active = self.freezing.active_indices(server_round)
@@ -251,9 +249,6 @@ class APFStrategy(MeteredFedAvg):
         freezing_arrays, freezing_meta = self.freezing.checkpoint()
         arrays.update(prefixed("apf", freezing_arrays))
         arrays["last_changed"] = self.last_changed
-        if self.global_flat is not None:
-            arrays["global_flat"] = self.global_flat
-            arrays.update({f"extras.{i}": x for i, x in enumerate(self.global_extras)})
         if self.mask_id:
             arrays["mask"] = self.masks[self.mask_id]
         meta.update(
@@ -266,23 +261,9 @@ class APFStrategy(MeteredFedAvg):
         super().restore(arrays, meta)
         self.freezing.restore(unprefixed("apf", arrays), meta["apf"])
         self.last_changed = arrays["last_changed"].astype(np.int64)
-        if "global_flat" in arrays:
-            self.global_flat = arrays["global_flat"].astype(np.float32)
-            count = len([k for k in arrays if k.startswith("extras.")])
-            self.global_extras = [arrays[f"extras.{i}"] for i in range(count)]
         self.model_version = int(meta["model_version"])
         self.mask_id = int(meta["mask_id"])
         self.masks = {self.mask_id: arrays["mask"]} if self.mask_id else {}
         self.node_state = {}
 
     # --- the global model ---------------------------------------------------------------------
-    def _set_global(self, arrays: ArrayRecord) -> None:
-        state = {key: arr.numpy() for key, arr in arrays.items()}
-        self.global_flat = self.layout.flatten_numpy(state).astype(np.float32)
-        self.global_extras = self.layout.extra_tensors(state)
-
-    def global_arrays(self) -> ArrayRecord:
-        """The current global model as a dense ArrayRecord (for server-side evaluation)."""
-        assert self.global_flat is not None
-        state = self.layout.state_dict(self.global_flat.copy(), self.global_extras)
-        return ArrayRecord({key: Array(value.numpy()) for key, value in state.items()})

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from cmd_fl.checkpoint import prefixed, unprefixed
 from cmd_fl.embedding import (
@@ -35,7 +35,8 @@ from cmd_fl.posthoc import CMDFit
 from cmd_fl.sync import EmbeddingHistory
 from cmd_fl.wire import pack_tensors, unpack_tensors
 from strategies.aggregation import weighted_average
-from strategies.metered import MeteredFedAvg, ParsedReply, RejectedReply
+from strategies.flat_model import FlatModelStrategy
+from strategies.metered import ParsedReply, RejectedReply
 
 logger = logging.getLogger("flwr.cmd_fl")
 
@@ -86,7 +87,7 @@ class CMDOptions:
     refresh_max_fraction: float = 0.1
 
 
-class CMDStrategy(MeteredFedAvg):
+class CMDStrategy(FlatModelStrategy):
     """Federated embedded CMD (see ``shared/docs/fl-protocol.md``).
 
     Rounds 1..F are FedAvg and the server keeps the global snapshots w(0..F). After round F,
@@ -146,8 +147,6 @@ class CMDStrategy(MeteredFedAvg):
         self.history: EmbeddingHistory | None = None
         self.selector: EmbeddingSelector | None = None
         self.node_versions: dict[int, int] = {}
-        self.global_flat: np.ndarray | None = None
-        self.global_extras: list[np.ndarray] = []
         self._extras_specs = layout.extra_specs()
         self._extras_bytes = extras_nbytes(self._extras_specs)
 
@@ -162,7 +161,7 @@ class CMDStrategy(MeteredFedAvg):
     ) -> list[Message]:
         """Dense messages in warm-up; afterwards the free vector, references and state deltas."""
         if self.global_flat is None:  # the first round: w(0) is the first snapshot
-            self._set_global(arrays)
+            self.set_global(arrays)
             assert self.global_flat is not None
             self.online.update(self.global_flat)
         if self.state is None:
@@ -196,7 +195,7 @@ class CMDStrategy(MeteredFedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             if self.state is None:
-                self._set_global(arrays)
+                self.set_global(arrays)
             assert self.global_flat is not None
             self.online.update(self.global_flat)
             if self.state is None and self.online.ready:
@@ -350,9 +349,6 @@ class CMDStrategy(MeteredFedAvg):
         """
         arrays, meta = super().checkpoint()
         arrays.update(prefixed("online", self.online.to_arrays()))
-        if self.global_flat is not None:
-            arrays["global_flat"] = self.global_flat
-            arrays.update({f"extras.{i}": x for i, x in enumerate(self.global_extras)})
         if self.state is not None:
             assert self.history is not None and self.selector is not None
             arrays.update(prefixed("state", self.state.to_arrays()))
@@ -372,10 +368,6 @@ class CMDStrategy(MeteredFedAvg):
         """Restore what :meth:`checkpoint` saved."""
         super().restore(arrays, meta)
         self.online.load_arrays(unprefixed("online", arrays))
-        if "global_flat" in arrays:
-            self.global_flat = arrays["global_flat"].astype(np.float32)
-            count = len([k for k in arrays if k.startswith("extras.")])
-            self.global_extras = [arrays[f"extras.{i}"] for i in range(count)]
         if "state.modes" in arrays:
             self.state = EmbeddingState.from_arrays(unprefixed("state", arrays))
             self.history = EmbeddingHistory(self.state)
@@ -439,14 +431,3 @@ class CMDStrategy(MeteredFedAvg):
             embedded.size,
             self.refresh_events[-1]["median_drift"],
         )
-
-    def _set_global(self, arrays: ArrayRecord) -> None:
-        state = {key: arr.numpy() for key, arr in arrays.items()}
-        self.global_flat = self.layout.flatten_numpy(state).astype(np.float32)
-        self.global_extras = self.layout.extra_tensors(state)
-
-    def global_arrays(self) -> ArrayRecord:
-        """The current global model as a dense ArrayRecord (for server-side evaluation)."""
-        assert self.global_flat is not None
-        state = self.layout.state_dict(self.global_flat.copy(), self.global_extras)
-        return ArrayRecord({key: Array(value.numpy()) for key, value in state.items()})

@@ -38,6 +38,7 @@ from strategies.apf_strategy import APFStrategy
 from strategies.metered import ParsedReply
 from tests.inprocess_grid import Exchange, Failure, InProcessGrid, Tamper
 from tests.test_checkpoint import CrashingGrid, Killed
+from tests.test_flower_apps import simulate as run_apps
 
 # Random freezing keeps about half of the parameters frozen from round 2 and changes the mask
 # every round; the short-memory EMA (alpha = 0.5) freezes by the APF rule alone (about 8 % by
@@ -60,11 +61,7 @@ def simulate(
     failure: Failure | None = None,
     **overrides: Any,
 ) -> tuple[RunOutcome, InProcessGrid]:
-    settings = RunSettings(**{**BASE, **overrides, "results_dir": str(tmp_path)})
-    grid = InProcessGrid(
-        client_app, settings.num_partitions, settings.to_run_config(), tamper, failure
-    )
-    return run(grid, settings), grid
+    return run_apps(tmp_path, tamper, failure, base=BASE, **overrides)
 
 
 def _part(message: Message, key: str) -> np.ndarray | None:

@@ -38,9 +38,12 @@ def simulate(
     tmp_path: Path,
     tamper: Tamper | None = None,
     failure: Failure | None = None,
+    base: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> tuple[RunOutcome, InProcessGrid]:
-    settings = RunSettings(**{**BASE, **overrides, "results_dir": str(tmp_path)})
+    """Run the real apps on an in-process grid with ``base`` (default BASE) and overrides."""
+    values = {**(BASE if base is None else base), **overrides}
+    settings = RunSettings(**{**values, "results_dir": str(tmp_path)})
     grid = InProcessGrid(
         client_app, settings.num_partitions, settings.to_run_config(), tamper, failure
     )
