@@ -65,6 +65,8 @@ class CMDClient:
         (``cmd-probe`` in the config) every weight trains and the embedded ones are sent too.
     state_key : str
         Key of the CMD state in ``context.state``.
+    reference_gradient : {"own", "mode"}
+        How references train under ``step`` projection (see :class:`EmbeddedProjector`).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class CMDClient:
         train_fn: TrainFn,
         projection: Projection = "step",
         state_key: str = "cmd-fl",
+        reference_gradient: str = "own",
     ) -> None:
         if projection not in ("step", "round"):
             raise ValueError(f"projection must be 'step' or 'round', got {projection!r}")
@@ -80,6 +83,7 @@ class CMDClient:
         self.train_fn = train_fn
         self.projection = projection
         self.state_key = state_key
+        self.reference_gradient = reference_gradient
         self.layout = ParameterLayout.from_module(model)
         self._extras_specs = self.layout.extra_specs()
         self._extras_bytes = extras_nbytes(self._extras_specs)
@@ -129,7 +133,9 @@ class CMDClient:
         projector = None
         hook: OptimizerHook | None = None
         if self.projection == "step" and state.n_embedded and not probe:
-            projector = EmbeddedProjector(self.model, self.layout, state)
+            projector = EmbeddedProjector(
+                self.model, self.layout, state, reference_gradient=self.reference_gradient
+            )
             hook = projector.attach
         try:
             metrics = dict(self.train_fn(self.model, hook))

@@ -23,6 +23,9 @@ class _TensorPart:
     keep: torch.Tensor  # gradient mask: 0 on embedded entries
 
 
+REFERENCE_GRADIENTS = ("own", "mode")
+
+
 class StepPostHook:
     """Runs :meth:`after_step` after every step of an optimizer it is attached to.
 
@@ -68,12 +71,30 @@ class EmbeddedProjector(StepPostHook):
         The module's layout.
     state : EmbeddingState
         Which weights are embedded, their references and frozen coefficients.
+    reference_gradient : {"own", "mode"}
+        ``"own"`` (the paper's): a reference trains on its own gradient and the embedded weights'
+        gradients are dropped. ``"mode"``: before each step the reference's gradient becomes the
+        least-squares projection of the whole mode's gradient onto the CMD model,
+        ``(g_ref + sum_i a_i g_i) / (1 + sum_i a_i^2)`` over the mode's embedded weights i, so
+        that (for plain SGD) the step moves the mode as close as the model allows to where the
+        unconstrained step would have moved all its weights. Default ``"own"``.
     """
 
     def __init__(
-        self, module: torch.nn.Module, layout: ParameterLayout, state: EmbeddingState
+        self,
+        module: torch.nn.Module,
+        layout: ParameterLayout,
+        state: EmbeddingState,
+        reference_gradient: str = "own",
     ) -> None:
         super().__init__()
+        if reference_gradient not in REFERENCE_GRADIENTS:
+            raise ValueError(
+                f"reference_gradient must be one of {REFERENCE_GRADIENTS}, "
+                f"got {reference_gradient!r}"
+            )
+        self.reference_gradient = reference_gradient
+        self._n_modes = state.n_modes
         if state.n_weights != layout.n_weights:
             raise ValueError(f"state has {state.n_weights} weights, the layout {layout.n_weights}")
         params = dict(module.named_parameters())
@@ -120,11 +141,35 @@ class EmbeddedProjector(StepPostHook):
 
     def attach(self, optimizer: torch.optim.Optimizer) -> EmbeddedProjector:
         """Mask embedded gradients and project after each step of ``optimizer``; returns self."""
-        for part in self._parts:
-            keep = part.keep
-            self._handles.append(part.param.register_hook(lambda grad, keep=keep: grad * keep))
+        if self.reference_gradient == "own":
+            for part in self._parts:
+                keep = part.keep
+                self._handles.append(part.param.register_hook(lambda grad, keep=keep: grad * keep))
+        else:
+            self._handles.append(optimizer.register_step_pre_hook(self._mode_gradient))
         super().attach(optimizer)
         return self
+
+    @torch.no_grad()
+    def _mode_gradient(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Fold the embedded weights' gradients into their references' (``"mode"``)."""
+        pull = torch.zeros(self._n_modes, dtype=torch.float64)
+        weight = torch.ones(self._n_modes, dtype=torch.float64)
+        for part in self._parts:
+            if part.param.grad is None:
+                continue
+            grad = part.param.grad.view(-1)
+            local = part.local_idx.to(grad.device)
+            a = part.a.to(torch.float64)
+            pull.index_add_(0, part.modes, a * grad[local].detach().cpu().to(torch.float64))
+            weight.index_add_(0, part.modes, a * a)
+            grad[local] = 0
+        for mode, (param, index) in enumerate(self._ref_slots):
+            if param.grad is None:
+                continue
+            flat = param.grad.view(-1)
+            own = float(flat[index])
+            flat[index] = (own + float(pull[mode])) / float(weight[mode])
 
     def after_step(self) -> None:
         """Project the embedded weights (the step post-hook)."""

@@ -42,5 +42,7 @@ def train_handler(msg: Message, context: Context) -> Message:
     if APF_MODEL in msg.content.array_records:
         return APFClient(model, train_fn).train(msg, context)
     projection: Projection = "round" if settings.cmd_projection == "round" else "step"
-    client = CMDClient(model, train_fn, projection=projection)
+    client = CMDClient(
+        model, train_fn, projection=projection, reference_gradient=settings.cmd_reference_gradient
+    )
     return client.train(msg, context)

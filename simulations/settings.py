@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cmd_fl.embedding import SELECTION_RULES, EmbeddingSchedule
+from cmd_fl.torch_projection import REFERENCE_GRADIENTS
 from strategies.cmd_strategy import CMDOptions
 
 STRATEGIES = ("fedavg", "cmd", "apf")
@@ -50,6 +51,7 @@ class RunSettings:
     cmd_embed_relative: bool = False
     cmd_max_embedded: float = 0.8
     cmd_projection: str = "step"
+    cmd_reference_gradient: str = "own"  # "mode": references train on their mode's gradient
     apf_alpha: float = 0.99  # APF's EMA factor, as the authors' code (freezes little in 40 rounds)
     apf_threshold: float = 0.05  # APF's initial stability threshold T0
     apf_random_freeze: bool = False  # "APF + random freezing" (the aggressive variant)
@@ -74,6 +76,10 @@ class RunSettings:
             (self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}"),
             (self.partitioning in PARTITIONINGS, f"partitioning must be one of {PARTITIONINGS}"),
             (self.cmd_projection in PROJECTIONS, f"cmd-projection must be one of {PROJECTIONS}"),
+            (
+                self.cmd_reference_gradient in REFERENCE_GRADIENTS,
+                f"cmd-reference-gradient must be one of {REFERENCE_GRADIENTS}",
+            ),
             (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
             (0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]"),
             (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),

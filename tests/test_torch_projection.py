@@ -65,3 +65,35 @@ def test_detach_stops_projection() -> None:
     expected = flat.copy()
     state.project(expected)
     assert not np.array_equal(flat, expected)
+
+
+def test_mode_gradient_moves_references_by_the_least_squares_step() -> None:
+    model, layout, state = _setup()
+    lr = 0.1
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    projector = EmbeddedProjector(model, layout, state, reference_gradient="mode").attach(optimizer)
+    before = layout.flatten_numpy(model.state_dict()).copy()
+    x = torch.randn(8, 6)
+
+    optimizer.zero_grad()
+    model(x).pow(2).sum().backward()
+    grads = np.concatenate(
+        [p.grad.detach().numpy().reshape(-1).astype(np.float64) for p in model.parameters()]
+    )
+    optimizer.step()
+    after = layout.flatten_numpy(model.state_dict())
+
+    emb = state.embedded_indices
+    for mode, ref in enumerate(state.references):
+        members = emb[state.modes[emb] == mode]
+        a = state.frozen_a[members].astype(np.float64)
+        expected = (grads[ref] + a @ grads[members]) / (1 + a @ a)
+        np.testing.assert_allclose(before[ref] - after[ref], lr * expected, rtol=1e-4)
+    projected = after.copy()
+    state.project(projected)
+    np.testing.assert_array_equal(after, projected)  # still exactly on the CMD model
+    free = state.free_indices
+    np.testing.assert_allclose(before[free] - after[free], lr * grads[free], rtol=1e-4, atol=1e-7)
+    projector.detach()
+    with pytest.raises(ValueError, match="reference_gradient"):
+        EmbeddedProjector(model, layout, state, reference_gradient="sum")
