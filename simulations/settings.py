@@ -60,7 +60,7 @@ class RunSettings:
     cmd_reference_std_ratio: float = 0.25
     cmd_guard_margin: float = 0.02
     cmd_guard_pause: int = 5
-    cmd_refresh_every: int = 10  # 0 = no refresh
+    cmd_refresh_every: int = 20  # 0 = no refresh
     cmd_refresh_tolerance: float = 0.25
     validation_size: int = 1000  # server-side validation split; 0 = none (no guard)
     min_valid_replies: int = 1

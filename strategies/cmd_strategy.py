@@ -68,7 +68,7 @@ class CMDOptions:
         Every this many rounds after warm-up (with weights embedded) is a refresh probe: clients
         train every weight and also send their embedded ones; embedded weights whose trained
         value drifted more than ``refresh_tolerance`` (relative) from the CMD model are released
-        for good and travel again. 0 turns refresh off. Default 10.
+        for good and travel again. 0 turns refresh off. Default 20.
     refresh_tolerance : float
         Relative drift ``|w - (a w_ref + b)| / max(|w|, |a w_ref + b|)`` that releases a weight.
         Default 0.25.
@@ -82,7 +82,7 @@ class CMDOptions:
     reference_std_ratio: float = 0.25
     guard_margin: float = 0.02
     guard_pause: int = 5
-    refresh_every: int = 10
+    refresh_every: int = 20
     refresh_tolerance: float = 0.25
     refresh_max_fraction: float = 0.1
 
