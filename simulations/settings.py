@@ -27,7 +27,7 @@ class RunSettings:
     """
 
     strategy: str = "cmd"
-    num_server_rounds: int = 30
+    num_server_rounds: int = 20
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
