@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ class _TensorPart:
 REFERENCE_GRADIENTS = ("own", "mode")
 
 
-class StepPostHook:
+class StepPostHook(ABC):
     """Runs :meth:`after_step` after every step of an optimizer it is attached to.
 
     Subclasses implement ``after_step``; ``attach`` also runs it once, so the model obeys the
@@ -36,9 +37,9 @@ class StepPostHook:
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
 
+    @abstractmethod
     def after_step(self) -> None:
         """Restore the constraint on the live model."""
-        raise NotImplementedError
 
     def attach(self, optimizer: torch.optim.Optimizer) -> StepPostHook:
         """Hook into ``optimizer``; returns self."""
