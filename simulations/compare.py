@@ -412,9 +412,26 @@ def write_run_config(spec: RunSpec, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+# Run-config keys read only by one strategy: a run of another strategy does not depend on them.
+STRATEGY_KEY_PREFIXES = {"cmd": "cmd-", "apf": "apf-"}
+
+
 def config_mismatch(requested: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
-    """Keys whose value in a run's ``summary.json`` differs from the requested config."""
-    return sorted(key for key, value in requested.items() if recorded.get(key) != value)
+    """Keys whose value in a run's ``summary.json`` differs from the requested config.
+
+    Keys that only another strategy reads (``cmd-*`` for a FedAvg or APF run, ``apf-*`` for
+    the others) are ignored, so a new CMD option does not make finished baselines rerun.
+    """
+    ignored = tuple(
+        prefix
+        for strategy, prefix in STRATEGY_KEY_PREFIXES.items()
+        if strategy != requested.get("strategy")
+    )
+    return sorted(
+        key
+        for key, value in requested.items()
+        if recorded.get(key) != value and not key.startswith(ignored)
+    )
 
 
 def load_summary(path: Path) -> dict[str, Any] | None:

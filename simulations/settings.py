@@ -62,6 +62,7 @@ class RunSettings:
     cmd_guard_pause: int = 5
     cmd_refresh_every: int = 20  # 0 = no refresh
     cmd_refresh_tolerance: float = 0.25
+    cmd_refresh_refit: bool = False  # probes also re-fit b of the weights that stay embedded
     validation_size: int = 1000  # server-side validation split; 0 = none (no guard)
     min_valid_replies: int = 1
     round_timeout: float = 600.0  # seconds a round waits for replies; late ones are dropped
@@ -151,6 +152,7 @@ class RunSettings:
             guard_pause=self.cmd_guard_pause,
             refresh_every=self.cmd_refresh_every,
             refresh_tolerance=self.cmd_refresh_tolerance,
+            refresh_refit=self.cmd_refresh_refit,
         )
 
     def results_root(self) -> Path:

@@ -74,6 +74,11 @@ class CMDOptions:
         Default 0.25.
     refresh_max_fraction : float
         At most this share of the N weights is released per refresh. Default 0.1.
+    refresh_refit : bool
+        In a refresh probe, also re-fit the offset ``b`` of every embedded weight that stays
+        embedded, so the CMD model passes through the clients' averaged trained value
+        (``b = w - a w_ref``): the frozen weights take one round of learning, and only the
+        changed coefficients travel (in the next state delta). Default False.
     """
 
     selection_rule: str = "stability+fit"
@@ -85,6 +90,7 @@ class CMDOptions:
     refresh_every: int = 20
     refresh_tolerance: float = 0.25
     refresh_max_fraction: float = 0.1
+    refresh_refit: bool = False
 
 
 class CMDStrategy(FlatModelStrategy):
@@ -410,17 +416,27 @@ class CMDStrategy(FlatModelStrategy):
         if over.size > limit:
             over = over[np.argsort(drift[over])[::-1][:limit]]
         released = np.sort(embedded[over])
+        kept = np.delete(np.arange(embedded.size), over)
+        refit = embedded[kept] if self.options.refresh_refit else embedded[:0]
+        if refit.size:
+            # b such that a * w_ref + b is the averaged trained value (float32, as clients do).
+            refs = self.global_flat[self.state.references][self.state.modes[refit]]
+            a = self.state.frozen_a[refit]
+            self.state.embed(refit, a, trained[kept].astype(np.float32) - a * refs)
         if released.size:
             self.state.release(released)
-            self.state.version += 1
-            self.history.record(self.state.version, released)
-            self.global_flat[released] = trained[np.searchsorted(embedded, released)]
             self.selector.excluded[released] = True
+            self.global_flat[released] = trained[np.searchsorted(embedded, released)]
+        if released.size or refit.size:
+            self.state.version += 1
+            self.history.record(self.state.version, np.union1d(released, refit))
+            self.state.project(self.global_flat)
         self.refresh_events.append(
             {
                 "round": server_round,
                 "probed": int(embedded.size),
                 "released": int(released.size),
+                "refit": int(refit.size),
                 "median_drift": float(np.median(drift)) if drift.size else 0.0,
             }
         )

@@ -442,6 +442,19 @@ def test_a_changed_config_reruns(tmp_path: Path) -> None:
     assert len(results["runs"][0]["rounds"]) == 3
 
 
+def test_only_keys_the_strategy_reads_make_a_run_stale() -> None:
+    base = RunSettings().to_run_config()
+    fedavg = {**base, "strategy": "fedavg"}
+    cmd = {**base, "strategy": "cmd"}
+    assert compare.config_mismatch({**fedavg, "cmd-modes": 3}, fedavg) == []
+    assert compare.config_mismatch({**fedavg, "seed": 7}, fedavg) == ["seed"]
+    assert compare.config_mismatch({**cmd, "cmd-modes": 3}, cmd) == ["cmd-modes"]
+    assert compare.config_mismatch({**cmd, "apf-alpha": 0.5}, cmd) == []
+    # A key the recorded run did not know yet counts as changed for the strategy reading it.
+    old = {k: v for k, v in cmd.items() if k != "cmd-refresh-refit"}
+    assert compare.config_mismatch(cmd, old) == ["cmd-refresh-refit"]
+
+
 def test_a_hung_run_is_stopped_at_its_timeout(tmp_path: Path) -> None:
     out = tmp_path / "out"
     plan = compare.make_plan("quick", out, methods=["fedavg", "cmd"])

@@ -9,8 +9,9 @@ import pytest
 
 import strategies.cmd_strategy as cmd_strategy_module
 from cmd_fl.embedding import EmbeddingSelector, EmbeddingState, embedding_event
-from cmd_fl.payload import METRICS
+from cmd_fl.payload import CMD_STATE, METRICS
 from cmd_fl.posthoc import CMDFit
+from cmd_fl.wire import StateDelta
 from strategies.cmd_strategy import CMDStrategy
 from tests.test_flower_apps import WARMUP, _free_length, simulate
 
@@ -97,6 +98,61 @@ def test_refresh_releases_drifted_weights_for_good(tmp_path: Path) -> None:
     # Released weights are never embedded again, and the views stayed bitwise identical.
     assert not (strategy.selector.excluded & strategy.state.embedded).any()
     assert strategy.selector.excluded.sum() == sum(e["released"] for e in refreshes.values())
+    for exchange in grid.exchanges:
+        client_view = exchange.reply.content.metric_records[METRICS]["model-checksum"]
+        assert client_view == strategy.sent_checksums[exchange.server_round]
+
+
+def test_refresh_refit_moves_offsets_to_the_trained_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe = WARMUP + 3
+    seen: dict[str, np.ndarray] = {}
+    refresh = CMDStrategy._refresh
+
+    def spying_refresh(self: CMDStrategy, server_round: int, trained: np.ndarray) -> None:
+        assert self.state is not None
+        seen["embedded"] = self.state.embedded_indices.copy()
+        seen["b_before"] = self.state.frozen_b.copy()
+        seen["trained"] = trained.copy()
+        refresh(self, server_round, trained)
+        assert self.global_flat is not None
+        seen["after"] = self.global_flat.copy()
+
+    monkeypatch.setattr(CMDStrategy, "_refresh", spying_refresh)
+    outcome, grid = simulate(
+        tmp_path,
+        num_server_rounds=probe + 2,
+        cmd_refresh_every=3,
+        cmd_refresh_tolerance=0.05,
+        cmd_refresh_refit=True,
+    )
+    strategy = outcome.strategy
+    assert isinstance(strategy, CMDStrategy) and strategy.state is not None
+    (event,) = outcome.summary["refresh_events"]
+    assert event["round"] == probe
+    assert event["refit"] == event["probed"] - event["released"] > 0
+
+    embedded = seen["embedded"]
+    kept = np.isin(embedded, strategy.state.embedded_indices)
+    refit = embedded[kept]
+    assert refit.size == event["refit"]
+    # The kept weights now sit on the clients' averaged trained values (float32 rounding).
+    np.testing.assert_allclose(seen["after"][refit], seen["trained"][kept], rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(seen["b_before"][refit], strategy.state.frozen_b[refit])
+    # The next round's state delta carries the changed coefficients (and that round's event).
+    for exchange in grid.exchanges:
+        if exchange.server_round != probe + 1:
+            continue
+        delta = StateDelta.from_array_record(
+            exchange.instruction.content.array_records[CMD_STATE],
+            strategy.state.n_weights,
+            strategy.state.n_modes,
+        )
+        sent = np.isin(delta.embed_indices, refit)
+        assert sent.sum() == refit.size
+        np.testing.assert_array_equal(delta.embed_b[sent], strategy.state.frozen_b[refit])
+    # Client and server still rebuild bitwise the same model every round.
     for exchange in grid.exchanges:
         client_view = exchange.reply.content.metric_records[METRICS]["model-checksum"]
         assert client_view == strategy.sent_checksums[exchange.server_round]
