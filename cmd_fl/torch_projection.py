@@ -16,12 +16,20 @@ from cmd_fl.layout import ParameterLayout
 
 @dataclass
 class _TensorPart:
+    """The embedded entries of one parameter tensor, in ascending flat position.
+
+    ``a``, ``b`` and ``modes`` live on the parameter's device. The projection reads the
+    references with ``index_select`` and writes through the boolean mask with
+    ``masked_scatter_``: on a CPU several times faster than advanced indexing with an index list.
+    """
+
     param: torch.nn.Parameter
-    local_idx: torch.Tensor  # flat positions inside the parameter
+    local_idx: torch.Tensor  # flat positions inside the parameter (CPU)
     a: torch.Tensor
     b: torch.Tensor
     modes: torch.Tensor
     keep: torch.Tensor  # gradient mask: 0 on embedded entries
+    embedded: torch.Tensor  # flat bool mask
 
 
 REFERENCE_GRADIENTS = ("own", "mode")
@@ -100,9 +108,18 @@ class EmbeddedProjector(StepPostHook):
             raise ValueError(f"state has {state.n_weights} weights, the layout {layout.n_weights}")
         params = dict(module.named_parameters())
         self._ref_slots: list[tuple[torch.nn.Parameter, int]] = []
-        for index in state.references.tolist():
+        # References grouped by tensor, so reading all M is one gather per tensor.
+        groups: dict[str, tuple[torch.nn.Parameter, list[int], list[int]]] = {}
+        for mode, index in enumerate(state.references.tolist()):
             spec, local = layout.tensor_of(int(index))
             self._ref_slots.append((params[spec.name], local))
+            group = groups.setdefault(spec.name, (params[spec.name], [], []))
+            group[1].append(local)
+            group[2].append(mode)
+        self._ref_groups = [
+            (param, torch.tensor(local, device=param.device), torch.tensor(mode))
+            for param, local, mode in groups.values()
+        ]
         self._parts: list[_TensorPart] = []
         emb = state.embedded_indices
         for spec in layout.modelled:
@@ -111,34 +128,41 @@ class EmbeddedProjector(StepPostHook):
                 continue
             idx = emb[lo:hi]
             param = params[spec.name]
-            keep = torch.ones(spec.numel, dtype=param.dtype)
+            device = param.device
             local_idx = torch.from_numpy(idx - spec.offset)
-            keep[local_idx] = 0
+            embedded = torch.zeros(spec.numel, dtype=torch.bool)
+            embedded[local_idx] = True
             self._parts.append(
                 _TensorPart(
                     param=param,
                     local_idx=local_idx,
-                    a=torch.from_numpy(state.frozen_a[idx]),
-                    b=torch.from_numpy(state.frozen_b[idx]),
-                    modes=torch.from_numpy(state.modes[idx].astype(np.int64)),
-                    keep=keep.view(spec.shape).to(param.device),
+                    a=torch.from_numpy(state.frozen_a[idx]).to(device),
+                    b=torch.from_numpy(state.frozen_b[idx]).to(device),
+                    modes=torch.from_numpy(state.modes[idx].astype(np.int64)).to(device),
+                    keep=(~embedded).to(param.dtype).view(spec.shape).to(device),
+                    embedded=embedded.to(device),
                 )
             )
 
     def reference_values(self) -> torch.Tensor:
-        """The current M reference values (float32)."""
-        return torch.stack(
-            [p.detach().reshape(-1)[i].to(torch.float32) for p, i in self._ref_slots]
-        ).cpu()
+        """The current M reference values (float32, on the CPU)."""
+        refs = torch.empty(self._n_modes, dtype=torch.float32)
+        for param, local, modes in self._ref_groups:
+            refs[modes] = param.detach().reshape(-1)[local].to(torch.float32).cpu()
+        return refs
 
     @torch.no_grad()
     def project(self) -> None:
-        """Set every embedded weight to ``a * w_ref + b`` from the current references."""
+        """Set every embedded weight to ``a * w_ref + b`` from the current references.
+
+        Multiply, then add, in float32, as :class:`EmbeddingState` does, so the values are
+        bitwise the server's.
+        """
         refs = self.reference_values()
         for part in self._parts:
-            values = part.a * refs[part.modes] + part.b
             flat = part.param.data.view(-1)
-            flat[part.local_idx.to(flat.device)] = values.to(flat.device, flat.dtype)
+            values = part.a * refs.to(flat.device).index_select(0, part.modes) + part.b
+            flat.masked_scatter_(part.embedded, values.to(flat.dtype))
 
     def attach(self, optimizer: torch.optim.Optimizer) -> EmbeddedProjector:
         """Mask embedded gradients and project after each step of ``optimizer``; returns self."""
@@ -161,9 +185,10 @@ class EmbeddedProjector(StepPostHook):
                 continue
             grad = part.param.grad.view(-1)
             local = part.local_idx.to(grad.device)
-            a = part.a.to(torch.float64)
-            pull.index_add_(0, part.modes, a * grad[local].detach().cpu().to(torch.float64))
-            weight.index_add_(0, part.modes, a * a)
+            a = part.a.cpu().to(torch.float64)
+            modes = part.modes.cpu()
+            pull.index_add_(0, modes, a * grad[local].detach().cpu().to(torch.float64))
+            weight.index_add_(0, modes, a * a)
             grad[local] = 0
         for mode, (param, index) in enumerate(self._ref_slots):
             if param.grad is None:
