@@ -608,6 +608,7 @@ def run_comparison(
     run_timeout_s: float = 0.0,
     script: Path = SCRIPT,
     stream: TextIO | None = None,
+    report_only: bool = False,
 ) -> Outcome:
     """Run every planned run not done yet, ``jobs`` at a time, and collect the records.
 
@@ -625,11 +626,14 @@ def run_comparison(
         The script that runs one simulation (``scripts/run_simulation.sh``).
     stream : TextIO, optional
         Where progress lines go (default: standard output).
+    report_only : bool
+        Start nothing: collect the runs already done (the others are ``not run``).
 
     Returns
     -------
     Outcome
-        A record per planned run: ``done``, ``failed`` or ``not run`` (after an interrupt).
+        A record per planned run: ``done``, ``failed`` or ``not run`` (after an interrupt, or
+        with `report_only`).
         A KeyboardInterrupt stops the running scripts and returns with ``interrupted`` set;
         the runs already done stay on disk.
     """
@@ -653,6 +657,9 @@ def run_comparison(
                 progress.line(index, spec, f"done earlier, skipped ({describe_done(record)})")
                 continue
             progress.line(index, spec, f"config changed ({', '.join(mismatch)}): will rerun")
+        if report_only:
+            progress.line(index, spec, "not run (report only)")
+            continue
         pending.append((index, spec))
     progress.remaining = len(pending)
 
@@ -838,6 +845,7 @@ def compare(
     command: Iterable[str] = (),
     script: Path = SCRIPT,
     stream: TextIO | None = None,
+    report_only: bool = False,
 ) -> tuple[Outcome, dict[str, Any]]:
     """Run a plan, then write its report folder (also after an interrupt).
 
@@ -845,7 +853,7 @@ def compare(
     ----------
     plan : Plan
         From `make_plan`.
-    jobs, force, run_timeout_s, script, stream
+    jobs, force, run_timeout_s, script, stream, report_only
         As in `run_comparison`.
     command : iterable of str
         The command line, recorded in the report.
@@ -856,7 +864,7 @@ def compare(
         The outcome and the content of ``results.json``.
     """
     started = time.time()
-    outcome = run_comparison(plan, jobs, force, run_timeout_s, script, stream)
+    outcome = run_comparison(plan, jobs, force, run_timeout_s, script, stream, report_only)
     meta = {
         "preset": plan.preset.name,
         "preset_description": plan.preset.description,

@@ -442,6 +442,30 @@ def test_a_changed_config_reruns(tmp_path: Path) -> None:
     assert len(results["runs"][0]["rounds"]) == 3
 
 
+def test_report_only_starts_nothing_and_reports_the_done_runs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    script = fake_script(tmp_path)
+    with (tmp_path / "progress.txt").open("w") as stream:
+        compare.compare(
+            compare.make_plan("quick", out, methods=["fedavg", "cmd"], seeds=[0]),
+            script=script,
+            stream=stream,
+        )
+        (out / "launched.txt").unlink()
+        plan = compare.make_plan("quick", out, methods=["fedavg", "cmd"], seeds=[0, 1])
+        outcome, results = compare.compare(plan, script=script, stream=stream, report_only=True)
+    assert not (out / "launched.txt").exists() and outcome.ran == []
+    status = {r["run_name"]: r["status"] for r in results["runs"]}
+    assert status == {
+        "iid-fedavg-s0": "done",
+        "iid-cmd-s0": "done",
+        "iid-fedavg-s1": "not run",
+        "iid-cmd-s1": "not run",
+    }
+    assert results["aggregates"]["iid"]["cmd"]["runs_done"] == 1
+    assert "2 of 4 runs done" in (out / "report.md").read_text()
+
+
 def test_only_keys_the_strategy_reads_make_a_run_stale() -> None:
     base = RunSettings().to_run_config()
     fedavg = {**base, "strategy": "fedavg"}
