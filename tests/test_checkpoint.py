@@ -34,7 +34,7 @@ class CrashingGrid(InProcessGrid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         messages = list(messages)
-        rounds = {int(m.content.config_records["config"]["server-round"]) for m in messages}  # type: ignore[call-overload]
+        rounds = {int(m.content.config_records["config"]["server-round"]) for m in messages}  # type: ignore[arg-type]
         if self.crash_round in rounds:
             raise Killed(f"server killed in round {self.crash_round}")
         return super().send_and_receive(messages, timeout=timeout)

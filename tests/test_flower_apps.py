@@ -138,7 +138,7 @@ def test_fedavg_round_is_a_dense_model_per_message_plus_envelope(tmp_path: Path)
     envelopes = []
     for exchange in grid.exchanges:
         for message, direction in ((exchange.instruction, "down"), (exchange.reply, "up")):
-            envelope = message_wire_bytes(message, direction) - model_bytes
+            envelope = message_wire_bytes(message, direction) - model_bytes  # type: ignore[arg-type]
             assert 0 < envelope < 4096
             envelopes.append(envelope)
     downs = envelopes[0::2]
@@ -167,13 +167,13 @@ def _corrupt(kind: str) -> Tamper:
         if kind == "wrong-dtype":
             return _replace_free(reply, free.astype(np.float64))
         if kind == "stale-version":
-            metrics["state-version"] = int(metrics["state-version"]) - 1  # type: ignore[call-overload]
+            metrics["state-version"] = int(metrics["state-version"]) - 1  # type: ignore[arg-type]
             return reply
         if kind == "unknown-key":
             reply.content.array_records[CMD_MODEL]["extra"] = Array(np.zeros(3, np.float32))
             return reply
         if kind == "checksum":
-            metrics["model-checksum"] = int(metrics["model-checksum"]) ^ 1  # type: ignore[call-overload]
+            metrics["model-checksum"] = int(metrics["model-checksum"]) ^ 1  # type: ignore[arg-type]
             return reply
         if kind == "zero-examples":
             metrics["num-examples"] = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def make_instruction(
         ttl=DEFAULT_TTL,
         message_type=message_type,
     )
-    message = Message(metadata=metadata, content=content)
+    message = Message(metadata=metadata, content=content)  # type: ignore[call-overload]
     message.metadata.__dict__["_message_id"] = message.object_id  # what the Grid does
     return message
 
@@ -171,7 +172,9 @@ def test_object_tree_matches_flower() -> None:
 def test_control_bytes_grow_with_the_object_tree() -> None:
     # Every object adds its 64-character id to the object tree in the Fleet API messages.
     small = make_instruction(_model_content(10), dst_node_id=42)
-    records = {f"r{i}": ArrayRecord({"w": Array(np.full(3, i, np.float32))}) for i in range(4)}
+    records: dict[str, Any] = {
+        f"r{i}": ArrayRecord({"w": Array(np.full(3, i, np.float32))}) for i in range(4)
+    }
     large = make_instruction(RecordDict(records), dst_node_id=42)
     down_small = message_control_bytes(small)
     down_large = message_control_bytes(large)

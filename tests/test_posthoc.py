@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -122,7 +124,7 @@ def test_cluster_modes_cuts_to_at_most_m() -> None:
     ],
 )
 def test_bad_input_raises_clear_errors(
-    trajectories: np.ndarray, kwargs: dict[str, int], message: str
+    trajectories: np.ndarray, kwargs: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
         posthoc_cmd(trajectories, **kwargs)

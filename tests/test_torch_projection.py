@@ -78,7 +78,7 @@ def test_mode_gradient_moves_references_by_the_least_squares_step() -> None:
     optimizer.zero_grad()
     model(x).pow(2).sum().backward()
     grads = np.concatenate(
-        [p.grad.detach().numpy().reshape(-1).astype(np.float64) for p in model.parameters()]
+        [p.grad.detach().numpy().reshape(-1).astype(np.float64) for p in model.parameters()]  # type: ignore[union-attr]
     )
     optimizer.step()
     after = layout.flatten_numpy(model.state_dict())

@@ -55,7 +55,7 @@ def _through_flower(record: ArrayRecord) -> ArrayRecord:
         ttl=60.0,
         message_type=MessageType.TRAIN,
     )
-    message = Message(metadata=metadata, content=RecordDict({"r": record}))
+    message = Message(metadata=metadata, content=RecordDict({"r": record}))  # type: ignore[call-overload]
     contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
     rebuilt = inflate_object_from_contents(message.object_id, contents)
     assert isinstance(rebuilt, Message)
@@ -442,7 +442,7 @@ def test_state_rejects_wrong_sizes_and_extra_keys() -> None:
 def _replace(delta: StateDelta, **changes: object) -> StateDelta:
     values = {name: getattr(delta, name) for name in delta.__dataclass_fields__}
     values.update(changes)
-    return StateDelta(**values)  # type: ignore[arg-type]
+    return StateDelta(**values)
 
 
 @pytest.mark.parametrize(
