@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,7 +14,10 @@ def weighted_average(
     """Average lists of arrays, one list per client, weighted by ``weights``.
 
     Sums run in float64; each result gets back its input's dtype (integers rounded), so integer
-    buffers such as BatchNorm's ``num_batches_tracked`` stay integers.
+    buffers such as BatchNorm's ``num_batches_tracked`` stay integers. Clients are summed in an
+    order fixed by their content, not by the order their replies arrived in: floating-point
+    sums depend on the order, and a last-bit difference grows over rounds, so a run with the
+    same seed would not repeat.
 
     Parameters
     ----------
@@ -29,7 +33,9 @@ def weighted_average(
     total = float(sum(weights))
     if not total > 0:
         raise ValueError("weights must sum to a positive number")
-    factors = [float(w) / total for w in weights]
+    order = sorted(range(len(arrays)), key=lambda c: _content_key(arrays[c], weights[c]))
+    arrays = [arrays[c] for c in order]
+    factors = [float(weights[c]) / total for c in order]
     out: list[np.ndarray] = []
     for k, first in enumerate(arrays[0]):
         acc = np.zeros(first.shape, dtype=np.float64)
@@ -39,3 +45,11 @@ def weighted_average(
             acc = np.rint(acc)
         out.append(acc.astype(first.dtype))
     return out
+
+
+def _content_key(arrays: Sequence[np.ndarray], weight: float) -> bytes:
+    """A digest of one client's weight and arrays (the canonical summation order)."""
+    digest = hashlib.blake2b(repr(float(weight)).encode(), digest_size=16)
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.digest()

@@ -1,0 +1,54 @@
+"""Weighted averaging shared by every strategy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from strategies.aggregation import weighted_average
+
+
+def _clients(n_clients: int, seed: int) -> tuple[list[list[np.ndarray]], list[float]]:
+    rng = np.random.default_rng(seed)
+    arrays = [
+        [
+            rng.standard_normal(50_000).astype(np.float32),
+            rng.integers(0, 100, size=3).astype(np.int64),
+        ]
+        for _ in range(n_clients)
+    ]
+    weights = [float(w) for w in rng.integers(1, 500, size=n_clients)]
+    return arrays, weights
+
+
+def test_weighted_average_is_the_weighted_mean_with_dtypes_kept() -> None:
+    arrays, weights = _clients(5, seed=0)
+    floats, ints = weighted_average(arrays, weights)
+    expected = np.average(np.stack([a[0] for a in arrays]), axis=0, weights=weights)
+    np.testing.assert_allclose(floats, expected, rtol=1e-6, atol=1e-7)
+    assert floats.dtype == np.float32 and ints.dtype == np.int64
+    np.testing.assert_array_equal(
+        ints, np.rint(np.average(np.stack([a[1] for a in arrays]), axis=0, weights=weights))
+    )
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_arrival_order_does_not_change_a_single_bit(seed: int) -> None:
+    arrays, weights = _clients(10, seed)
+    reference = weighted_average(arrays, weights)
+    for permutation in np.random.default_rng(seed).permuted(np.tile(np.arange(10), (5, 1)), axis=1):
+        shuffled = weighted_average(
+            [arrays[i] for i in permutation], [weights[i] for i in permutation]
+        )
+        for got, want in zip(shuffled, reference, strict=True):
+            assert got.tobytes() == want.tobytes()
+
+
+def test_bad_input_is_refused() -> None:
+    arrays, weights = _clients(3, seed=4)
+    with pytest.raises(ValueError, match="nothing to average"):
+        weighted_average([], [])
+    with pytest.raises(ValueError, match="weights"):
+        weighted_average(arrays, weights[:2])
+    with pytest.raises(ValueError, match="positive"):
+        weighted_average(arrays, [0.0, 0.0, 0.0])
