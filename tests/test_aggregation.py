@@ -10,7 +10,7 @@ from strategies.aggregation import weighted_average
 
 def _clients(n_clients: int, seed: int) -> tuple[list[list[np.ndarray]], list[float]]:
     rng = np.random.default_rng(seed)
-    arrays = [
+    arrays: list[list[np.ndarray]] = [
         [
             rng.standard_normal(50_000).astype(np.float32),
             rng.integers(0, 100, size=3).astype(np.int64),
