@@ -53,6 +53,7 @@ TABLE_COLUMNS: tuple[Column, ...] = (
     Column("MB up", "mb_up", 1.0, 3),
     Column("MB down", "mb_down", 1.0, 3),
     Column("saved vs FedAvg (%)", "savings_vs_fedavg", 100.0, 1),
+    Column("accuracy at equal MB", "accuracy_at_budget", 1.0, 4),
     Column("server wall time (s)", "wall_time_s", 1.0, 1),
     Column("process wall time (s)", "process_wall_s", 1.0, 1),
     Column("rounds 2..R (s)", "rounds_time_s", 1.0, 2),
@@ -203,6 +204,18 @@ def aggregate_method(
     }
 
 
+def accuracy_within(run: dict[str, Any], budget_mb: float) -> float | None:
+    """Accuracy of the last round of ``run`` whose cumulative bytes (up + down) fit in
+    ``budget_mb``; None if even the first round does not."""
+    accuracy, cumulative = None, 0.0
+    for row in run["rounds"]:
+        cumulative += (row["bytes_up"] + row["bytes_down"]) / MB
+        if cumulative > budget_mb * (1 + 1e-9):
+            break
+        accuracy = row["accuracy"]
+    return accuracy
+
+
 def curves(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Per-round means over seeds: accuracy (and its std), cumulative MB, MB, embedded share.
 
@@ -251,6 +264,21 @@ def aggregate(
                 **aggregate_method(done, baseline),
                 "curves": curves(done),
             }
+        # The trade-off at one byte budget: the leanest method's mean total, and what every
+        # method's runs had reached within it (read from their per-round ledgers).
+        totals = [
+            agg["mb_total"]["mean"]
+            for agg in result[setting].values()
+            if agg["mb_total"]["mean"] is not None
+        ]
+        budget = min(totals) if totals else None
+        for method in methods:
+            done = [r for r in in_setting if r["method"] == method and r["status"] == "done"]
+            reached = [] if budget is None else [accuracy_within(r, budget) for r in done]
+            result[setting][method]["budget_mb"] = budget
+            result[setting][method]["accuracy_at_budget"] = stat(
+                [a for a in reached if a is not None]
+            )
     return result
 
 
@@ -359,6 +387,13 @@ def _tradeoff(
         f"accuracy {c_acc:.4f} vs {a_acc:.4f}, total {c_mb:.3f} MB vs {a_mb:.3f} MB "
         f"({100 * (1 - c_mb / a_mb):+.1f} % fewer bytes for CMD)"
     )
+    c_budget = _mean(by_method[cmd], "accuracy_at_budget")
+    a_budget = _mean(by_method[apf], "accuracy_at_budget")
+    if c_budget is not None and a_budget is not None:
+        numbers += (
+            f"; within {by_method[cmd]['budget_mb']:.3f} MB: accuracy {c_budget:.4f} vs "
+            f"{a_budget:.4f}"
+        )
     cmd_better = c_acc >= a_acc and c_mb <= a_mb and (c_acc > a_acc or c_mb < a_mb)
     apf_better = a_acc >= c_acc and a_mb <= c_mb and (a_acc > c_acc or a_mb < c_mb)
     if cmd_better:
@@ -403,6 +438,18 @@ def setting_table(aggregates: dict[str, dict[str, Any]], meta: dict[str, Any]) -
         cells += [format_stat(agg[column.key], column) for column in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _budget_note(by_method: dict[str, dict[str, Any]]) -> list[str]:
+    budget = next((agg["budget_mb"] for agg in by_method.values()), None)
+    if budget is None:
+        return []
+    return [
+        f"Accuracy at equal MB: each run's test accuracy at its last round within {budget:.3f} "
+        "MB of total traffic (the leanest method's mean total here), read from its per-round "
+        "ledger; a run whose first round already exceeds it has none.",
+        "",
+    ]
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -453,6 +500,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "",
             *setting_table(by_method, meta),
             "",
+            *_budget_note(by_method),
         ]
         for stem, title in PLOTS:
             path = f"{setting}-{stem}.png"

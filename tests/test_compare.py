@@ -272,6 +272,20 @@ def test_curves_average_the_runs_that_reached_each_round() -> None:
     np.testing.assert_allclose(curve["cumulative_mb"], [200e-6, 400e-6, 600e-6])
 
 
+def test_accuracy_at_equal_mb_reads_each_runs_ledger() -> None:
+    # Prepare: FedAvg sends 200 B a round; CMD 100 B a round (300 B in all, the leanest).
+    fedavg = synthetic_record("fedavg", 0, 0.9, 300, 300)
+    cmd = synthetic_record("cmd", 0, 0.6, 150, 150)
+    # Execute
+    agg = report.aggregate([fedavg, cmd], ["iid"], ["fedavg", "cmd"])["iid"]
+    # Assert: within CMD's 300 B FedAvg completed its first round only (accuracy 0.3).
+    assert agg["cmd"]["budget_mb"] == agg["fedavg"]["budget_mb"] == pytest.approx(300e-6)
+    assert agg["fedavg"]["accuracy_at_budget"]["values"] == [pytest.approx(0.3)]
+    assert agg["cmd"]["accuracy_at_budget"]["values"] == [pytest.approx(0.6)]
+    assert report.accuracy_within(fedavg, 199e-6) is None
+    assert report.accuracy_within(fedavg, 1.0) == pytest.approx(0.9)
+
+
 def test_targets_are_measured_not_hard_coded() -> None:
     # Prepare: CMD sends 30 % of FedAvg's bytes, 0.2 points less accurate, 1.2 x slower;
     # APF sends more and is less accurate.
