@@ -1,0 +1,1 @@
+"""Benchmarks and tuning runs (see the README's Benchmarks section)."""
