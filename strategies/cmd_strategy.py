@@ -24,6 +24,8 @@ from cmd_fl.payload import (
     CMD_MODEL,
     CMD_STATE,
     CONFIG,
+    METRICS,
+    MODEL_CHECKSUM,
     N_MODES,
     PROBE,
     STATE_VERSION,
@@ -153,6 +155,7 @@ class CMDStrategy(FlatModelStrategy):
         self.history: EmbeddingHistory | None = None
         self.selector: EmbeddingSelector | None = None
         self.node_versions: dict[int, int] = {}
+        self._in_step: dict[int, int] = {}  # node -> last round its reply proved its state
         self._extras_specs = layout.extra_specs()
         self._extras_bytes = extras_nbytes(self._extras_specs)
 
@@ -220,6 +223,7 @@ class CMDStrategy(FlatModelStrategy):
         """Dense replies in warm-up; CMD replies must match this round's state exactly."""
         if self.state is None:
             return super().parse_train_reply(server_round, reply)
+        self._note_node_state(server_round, reply)
         content = self.reply_content(reply)
         metrics = self.reply_metrics(server_round, content)
         version = metrics.pop(STATE_VERSION, None)
@@ -243,7 +247,6 @@ class CMDStrategy(FlatModelStrategy):
         for value in extras:
             if value.dtype.kind in "fc" and not np.isfinite(value).all():
                 raise RejectedReply("extras hold NaN or Inf")
-        self.node_versions[reply.metadata.src_node_id] = self.state.version
         probed = [] if model.embedded is None else [model.embedded]
         return ParsedReply(
             reply.metadata.src_node_id,
@@ -266,10 +269,25 @@ class CMDStrategy(FlatModelStrategy):
             self._refresh(server_round, trained_embedded)
         return self.global_arrays()
 
+    def _note_node_state(self, server_round: int, reply: Message) -> None:
+        """Record a node whose reply trained on exactly the round's model (state version and
+        checksum): it holds the current state, whether or not the reply is then accepted."""
+        assert self.state is not None
+        if reply.has_error() or METRICS not in reply.content.metric_records:
+            return
+        raw = reply.content.metric_records[METRICS]
+        sent = self.sent_checksums.get(server_round)
+        if raw.get(STATE_VERSION) == self.state.version and raw.get(MODEL_CHECKSUM) == sent:
+            node = reply.metadata.src_node_id
+            self.node_versions[node] = self.state.version
+            self._in_step[node] = server_round
+
     def reject(self, server_round: int, node_id: int, reason: str) -> None:
-        """Drop the reply; a node that failed is sent a full state next time."""
+        """Drop the reply; its node is sent a full state next time, unless the reply proved the
+        node holds the current state (rejected for a non-finite loss, say)."""
         super().reject(server_round, node_id, reason)
-        self.node_versions.pop(node_id, None)
+        if self._in_step.get(node_id) != server_round:
+            self.node_versions.pop(node_id, None)
 
     # --- CMD bookkeeping ----------------------------------------------------------------------
     def _start_embedding(self, server_round: int) -> None:

@@ -204,6 +204,44 @@ def test_a_lone_hostile_reply_keeps_the_previous_model(world: World) -> None:
     np.testing.assert_array_equal(strategy.global_flat, before)
 
 
+@pytest.mark.parametrize(
+    ("kind", "in_step"),
+    [
+        ("nan-loss", True),
+        ("nan", True),
+        ("huge", True),
+        ("wrong-checksum", False),
+        ("stale-version", False),
+        ("error-reply", False),
+    ],
+)
+def test_only_a_reply_out_of_step_costs_its_node_a_full_state(
+    world: World, kind: str, in_step: bool
+) -> None:
+    victim = world.honest[0]
+    node = victim.metadata.src_node_id
+    if kind == "nan-loss":
+        bad = _metric("train-loss", lambda v: float("nan"))(
+            transmit(victim), np.random.default_rng()
+        )
+    else:
+        bad = MUTATIONS[kind](transmit(victim), np.random.default_rng(0))
+    strategy = world.strategy()
+    assert strategy.state is not None
+    version = strategy.state.version  # the round's (an event after it may raise it)
+    strategy.node_versions[node] = version - 1  # known from an earlier round
+
+    strategy.aggregate_train(NEXT, [bad, *map(transmit, world.honest[1:])])
+
+    assert [r["node_id"] for r in strategy.rejections if r["round"] == NEXT] == [node]
+    if in_step:  # trained on this round's exact model: no state to send next round
+        assert strategy.node_versions[node] == version
+    else:  # out of step: a full state next round
+        assert node not in strategy.node_versions
+    for other in world.honest[1:]:
+        assert strategy.node_versions[other.metadata.src_node_id] == version
+
+
 def teardown_module() -> None:
     """Write the counts for the README's reliability table when asked to."""
     target = os.environ.get("CMD_FL_RELIABILITY_JSON")
