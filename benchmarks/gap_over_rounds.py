@@ -1,0 +1,115 @@
+"""Does CMD lose ground against FedAvg as a run gets longer? Paired runs, per-round accuracy.
+
+Each pair is a FedAvg run and a CMD run with the same settings and seed (their folders'
+``summary.json``). A run of 2R rounds holds the R-round run as its first R rounds (nothing
+depends on the run's length), so one long pair answers both. Final-round accuracy moves by
+0.2-0.3 points from round to round, so besides the gap at rounds R and 2R the script prints the
+gap averaged over each run's last ``window`` rounds and the least-squares slope of the per-round
+gap over rounds R..2R:
+
+    python -m benchmarks.gap_over_rounds --half 40 \\
+        /tmp/t/fedavg80:/tmp/t/cmd80 /tmp/t/fedavg80s1:/tmp/t/cmd80s1
+
+Prints one line per pair, then the mean over pairs, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PairGap:
+    """CMD minus FedAvg accuracy, in points, for one pair of runs."""
+
+    name: str
+    final_half: float  # at round R
+    final_full: float  # at round 2R
+    window_half: float  # mean over rounds R-window+1..R
+    window_full: float  # mean over rounds 2R-window+1..2R
+    slope_per_10: float  # of the per-round gap over rounds R..2R, points per 10 rounds
+
+    @property
+    def lost(self) -> float:
+        """Points CMD fell further behind from R to 2R (windowed; > 0 is lost ground)."""
+        return self.window_half - self.window_full
+
+
+def round_accuracies(run_dir: Path) -> dict[int, float]:
+    """Accuracy per round from a run folder's ``summary.json`` (rounds without one skipped)."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    return {
+        int(row["round"]): float(row["accuracy"])
+        for row in summary["rounds"]
+        if row.get("accuracy") is not None
+    }
+
+
+def pair_gap(fedavg_dir: Path, cmd_dir: Path, half: int, window: int = 5) -> PairGap:
+    """The gaps of one pair; both runs must have every round 1..2*half."""
+    if half < window or window < 1:
+        raise ValueError(f"need 1 <= window <= half, got window={window}, half={half}")
+    fedavg, cmd = round_accuracies(fedavg_dir), round_accuracies(cmd_dir)
+    rounds = np.arange(1, 2 * half + 1)
+    missing = [int(r) for r in rounds if r not in fedavg or r not in cmd]
+    if missing:
+        raise ValueError(f"{cmd_dir} / {fedavg_dir}: no accuracy for rounds {missing[:5]}...")
+    gap = 100 * np.array([cmd[int(r)] - fedavg[int(r)] for r in rounds])
+    late = rounds[half - 1 :]  # rounds R..2R
+    slope = float(np.polyfit(late, gap[half - 1 :], 1)[0])
+    return PairGap(
+        name=Path(cmd_dir).name,
+        final_half=float(gap[half - 1]),
+        final_full=float(gap[-1]),
+        window_half=float(gap[half - window : half].mean()),
+        window_full=float(gap[-window:].mean()),
+        slope_per_10=10 * slope,
+    )
+
+
+def format_gap(gap: PairGap, half: int, window: int) -> str:
+    """One line for a pair (or the mean)."""
+    return (
+        f"{gap.name}: gap at {half} {gap.final_half:+.2f}, at {2 * half} {gap.final_full:+.2f} | "
+        f"last {window} rounds {gap.window_half:+.2f} -> {gap.window_full:+.2f} "
+        f"(lost {gap.lost:+.2f}) | slope {gap.slope_per_10:+.3f} points / 10 rounds"
+    )
+
+
+def mean_gap(gaps: list[PairGap]) -> PairGap:
+    """The pairs' mean, field by field."""
+    return PairGap(
+        name=f"mean of {len(gaps)}",
+        final_half=float(np.mean([g.final_half for g in gaps])),
+        final_full=float(np.mean([g.final_full for g in gaps])),
+        window_half=float(np.mean([g.window_half for g in gaps])),
+        window_full=float(np.mean([g.window_full for g in gaps])),
+        slope_per_10=float(np.mean([g.slope_per_10 for g in gaps])),
+    )
+
+
+def main(argv: list[str] | None = None) -> list[PairGap]:
+    """Print the gap lines for the pairs given as ``FEDAVG_DIR:CMD_DIR``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pairs", nargs="+", help="FEDAVG_RUN_DIR:CMD_RUN_DIR")
+    parser.add_argument("--half", type=int, default=40, help="R: the shorter run's rounds")
+    parser.add_argument("--window", type=int, default=5)
+    args = parser.parse_args(argv)
+    gaps = []
+    for pair in args.pairs:
+        fedavg_dir, sep, cmd_dir = pair.partition(":")
+        if not sep:
+            parser.error(f"pair {pair!r} is not FEDAVG_DIR:CMD_DIR")
+        gaps.append(pair_gap(Path(fedavg_dir), Path(cmd_dir), args.half, args.window))
+    for gap in [*gaps, mean_gap(gaps)] if len(gaps) > 1 else gaps:
+        print(format_gap(gap, args.half, args.window))
+    return gaps
+
+
+if __name__ == "__main__":
+    main()
