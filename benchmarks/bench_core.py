@@ -221,11 +221,13 @@ def measure_projection_direct(
 
     ``project_s`` is one re-projection, ``mask_s`` the gradient masking of one backward pass
     (the hooks' ``grad * keep`` on gradient-sized tensors), each the median of repeats; their sum
-    is the projector's overhead per step. Returns the (not attached) projector too.
+    is the projector's overhead per step with ``reference_gradient="own"``. ``fold_s`` is what
+    ``"mode"`` does instead of the masking (fold the embedded gradients into the references').
+    Returns the (not attached, ``"own"``) projector too.
     """
     flat = layout.flatten_numpy(model.state_dict())
     state = embedded_state(online, flat, fraction, seed)
-    projector = EmbeddedProjector(model, layout, state)
+    projector = EmbeddedProjector(model, layout, state, reference_gradient="own")
     projector.project()
     project_s = statistics.median(_timed(projector.project) for _ in range(DIRECT_REPEATS))
     parts = projector._parts  # the hooks' masks: private, but this times exactly their work
@@ -234,7 +236,20 @@ def measure_projection_direct(
         _timed(lambda: [g * part.keep for g, part in zip(grads, parts, strict=True)])
         for _ in range(DIRECT_REPEATS)
     )
-    return projector, {"fraction": fraction, "project_s": project_s, "mask_s": mask_s}
+    folding = EmbeddedProjector(model, layout, state, reference_gradient="mode")
+    fold_times = []
+    for _ in range(DIRECT_REPEATS):
+        for param in model.parameters():
+            param.grad = torch.randn_like(param)
+        fold_times.append(_timed(lambda: folding._mode_gradient(None, (), {})))  # type: ignore[arg-type]
+    for param in model.parameters():
+        param.grad = None
+    return projector, {
+        "fraction": fraction,
+        "project_s": project_s,
+        "mask_s": mask_s,
+        "fold_s": statistics.median(fold_times),
+    }
 
 
 def measure_steps(
@@ -316,6 +331,12 @@ def build_rows(result: dict[str, Any]) -> list[Row]:
             _info(f"  / SGD step, {share}", per_step / sgd_s, "ratio", "docs: 0.11"),
             _info(f"  whole step with projector / SGD step, {share}", whole, "ratio"),
         ]
+        if "fold_s" in proj:
+            fold = proj["project_s"] + proj["fold_s"]
+            rows += [
+                _info(f"projection + mode-gradient fold, {share}", fold, "s"),
+                _info(f"  / SGD step, {share}", fold / sgd_s, "ratio"),
+            ]
     return rows
 
 

@@ -67,6 +67,7 @@ class CMDClient:
         Key of the CMD state in ``context.state``.
     reference_gradient : {"own", "mode"}
         How references train under ``step`` projection (see :class:`EmbeddedProjector`).
+        Default ``"mode"``.
     """
 
     def __init__(
@@ -75,7 +76,7 @@ class CMDClient:
         train_fn: TrainFn,
         projection: Projection = "step",
         state_key: str = "cmd-fl",
-        reference_gradient: str = "own",
+        reference_gradient: str = "mode",
     ) -> None:
         if projection not in ("step", "round"):
             raise ValueError(f"projection must be 'step' or 'round', got {projection!r}")

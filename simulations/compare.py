@@ -71,7 +71,8 @@ METHODS: dict[str, Method] = {
     # references with enough variance, at most 80 % embedded, guard and refresh on.
     "cmd": Method("CMD", {"strategy": "cmd"}),
     # The paper's rule: embed the most stable weights, no cap, no bound on |a|, no reference
-    # variance floor, no refresh (cmd-method.md measured such runs collapsing).
+    # variance floor, no refresh, references on their own gradient (cmd-method.md measured
+    # such runs collapsing).
     "cmd-paper": Method(
         "CMD (paper's rule)",
         {
@@ -81,6 +82,7 @@ METHODS: dict[str, Method] = {
             "cmd-reference-std-ratio": 0.0,
             "cmd-max-embedded": 1.0,
             "cmd-refresh-every": 0,
+            "cmd-reference-gradient": "own",
         },
     ),
     # CMD with the reference code's projection: clients train every weight and the embedded

@@ -51,7 +51,7 @@ class RunSettings:
     cmd_embed_relative: bool = False
     cmd_max_embedded: float = 0.8
     cmd_projection: str = "step"
-    cmd_reference_gradient: str = "own"  # "mode": references train on their mode's gradient
+    cmd_reference_gradient: str = "mode"  # "own": the paper's (a reference's own gradient)
     apf_alpha: float = 0.99  # APF's EMA factor, as the authors' code (freezes little in 40 rounds)
     apf_threshold: float = 0.05  # APF's initial stability threshold T0
     apf_random_freeze: bool = False  # "APF + random freezing" (the aggressive variant)

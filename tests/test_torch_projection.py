@@ -32,10 +32,13 @@ def _setup() -> tuple[torch.nn.Module, ParameterLayout, EmbeddingState]:
     ],
     ids=["sgd-momentum-wd", "adam"],
 )
-def test_embedded_weights_follow_references_after_each_step(make_optimizer) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("reference_gradient", ["own", "mode"])
+def test_embedded_weights_follow_references_after_each_step(  # type: ignore[no-untyped-def]
+    make_optimizer, reference_gradient: str
+) -> None:
     model, layout, state = _setup()
     optimizer = make_optimizer(model.parameters())
-    projector = EmbeddedProjector(model, layout, state).attach(optimizer)
+    projector = EmbeddedProjector(model, layout, state, reference_gradient).attach(optimizer)
     before = layout.flatten_numpy(model.state_dict()).copy()
 
     for _ in range(3):
