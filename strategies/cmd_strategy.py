@@ -277,7 +277,8 @@ class CMDStrategy(FlatModelStrategy):
             return
         raw = reply.content.metric_records[METRICS]
         sent = self.sent_checksums.get(server_round)
-        if raw.get(STATE_VERSION) == self.state.version and raw.get(MODEL_CHECKSUM) == sent:
+        in_step = sent is not None and raw.get(MODEL_CHECKSUM) == sent
+        if in_step and raw.get(STATE_VERSION) == self.state.version:
             node = reply.metadata.src_node_id
             self.node_versions[node] = self.state.version
             self._in_step[node] = server_round
