@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -83,14 +83,9 @@ def format_gap(gap: PairGap, half: int, window: int) -> str:
 
 def mean_gap(gaps: list[PairGap]) -> PairGap:
     """The pairs' mean, field by field."""
-    return PairGap(
-        name=f"mean of {len(gaps)}",
-        final_half=float(np.mean([g.final_half for g in gaps])),
-        final_full=float(np.mean([g.final_full for g in gaps])),
-        window_half=float(np.mean([g.window_half for g in gaps])),
-        window_full=float(np.mean([g.window_full for g in gaps])),
-        slope_per_10=float(np.mean([g.slope_per_10 for g in gaps])),
-    )
+    numbers = [f.name for f in fields(PairGap) if f.name != "name"]
+    means = {key: float(np.mean([getattr(g, key) for g in gaps])) for key in numbers}
+    return PairGap(name=f"mean of {len(gaps)}", **means)
 
 
 def main(argv: list[str] | None = None) -> list[PairGap]:
