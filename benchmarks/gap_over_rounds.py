@@ -5,7 +5,9 @@ Each pair is a FedAvg run and a CMD run with the same settings and seed (their f
 depends on the run's length), so one long pair answers both. Final-round accuracy moves by
 0.2-0.3 points from round to round, so besides the gap at rounds R and 2R the script prints the
 gap averaged over each run's last ``window`` rounds and the least-squares slope of the per-round
-gap over rounds R..2R:
+gap over rounds R..2R, each with a standard error from the scatter of the per-round gap about
+that line (rounds are treated as independent, so under label skew, where neighbouring rounds
+move together, the errors are optimistic):
 
     python -m benchmarks.gap_over_rounds --half 40 \\
         /tmp/t/fedavg80:/tmp/t/cmd80 /tmp/t/fedavg80s1:/tmp/t/cmd80s1
@@ -33,6 +35,8 @@ class PairGap:
     window_half: float  # mean over rounds R-window+1..R
     window_full: float  # mean over rounds 2R-window+1..2R
     slope_per_10: float  # of the per-round gap over rounds R..2R, points per 10 rounds
+    lost_se: float  # standard error of ``lost``
+    slope_se: float  # standard error of ``slope_per_10``
 
     @property
     def lost(self) -> float:
@@ -61,14 +65,19 @@ def pair_gap(fedavg_dir: Path, cmd_dir: Path, half: int, window: int = 5) -> Pai
         raise ValueError(f"{cmd_dir} / {fedavg_dir}: no accuracy for rounds {missing[:5]}...")
     gap = 100 * np.array([cmd[int(r)] - fedavg[int(r)] for r in rounds])
     late = rounds[half - 1 :]  # rounds R..2R
-    slope = float(np.polyfit(late, gap[half - 1 :], 1)[0])
+    slope, intercept = np.polyfit(late, gap[half - 1 :], 1)
+    residuals = gap[half - 1 :] - (slope * late + intercept)
+    scatter = float(np.sqrt(residuals @ residuals / (late.size - 2)))
+    spread = float(np.sqrt(((late - late.mean()) ** 2).sum()))
     return PairGap(
         name=Path(cmd_dir).name,
         final_half=float(gap[half - 1]),
         final_full=float(gap[-1]),
         window_half=float(gap[half - window : half].mean()),
         window_full=float(gap[-window:].mean()),
-        slope_per_10=10 * slope,
+        slope_per_10=10 * float(slope),
+        lost_se=scatter * float(np.sqrt(2 / window)),
+        slope_se=10 * scatter / spread,
     )
 
 
@@ -77,14 +86,20 @@ def format_gap(gap: PairGap, half: int, window: int) -> str:
     return (
         f"{gap.name}: gap at {half} {gap.final_half:+.2f}, at {2 * half} {gap.final_full:+.2f} | "
         f"last {window} rounds {gap.window_half:+.2f} -> {gap.window_full:+.2f} "
-        f"(lost {gap.lost:+.2f}) | slope {gap.slope_per_10:+.3f} points / 10 rounds"
+        f"(lost {gap.lost:+.2f} +- {gap.lost_se:.2f}) | "
+        f"slope {gap.slope_per_10:+.3f} +- {gap.slope_se:.3f} points / 10 rounds"
     )
 
 
 def mean_gap(gaps: list[PairGap]) -> PairGap:
-    """The pairs' mean, field by field."""
-    numbers = [f.name for f in fields(PairGap) if f.name != "name"]
-    means = {key: float(np.mean([getattr(g, key) for g in gaps])) for key in numbers}
+    """The pairs' mean, field by field; the errors become the standard errors of the means."""
+    means = {}
+    for key in (f.name for f in fields(PairGap) if f.name != "name"):
+        values = np.array([getattr(g, key) for g in gaps])
+        if key.endswith("_se"):  # independent pairs: the error of a mean of k values
+            means[key] = float(np.sqrt((values**2).sum()) / values.size)
+        else:
+            means[key] = float(values.mean())
     return PairGap(name=f"mean of {len(gaps)}", **means)
 
 

@@ -34,6 +34,31 @@ def test_gap_reads_lost_ground_and_slope(tmp_path: Path) -> None:
     assert gap.window_full == pytest.approx(-1.9)
     assert gap.lost == pytest.approx(0.9)
     assert gap.slope_per_10 == pytest.approx(-1.0)
+    assert gap.slope_se == pytest.approx(0.0, abs=1e-9)  # the late gap lies on its line
+    assert gap.lost_se == pytest.approx(0.0, abs=1e-9)
+
+
+def test_errors_follow_the_scatter_about_the_line(tmp_path: Path) -> None:
+    half, window, d = 10, 2, 0.004
+    fedavg = np.full(2 * half, 0.85)
+    wobble = d * (-1.0) ** np.arange(2 * half)  # +-0.4 points, no trend
+    gap = gap_over_rounds.pair_gap(
+        _write_run(tmp_path / "fedavg", list(fedavg)),
+        _write_run(tmp_path / "cmd", list(fedavg - 0.01 + wobble)),
+        half,
+        window=window,
+    )
+    late = np.arange(half, 2 * half + 1)
+    gaps = 100 * (-0.01 + wobble[late - 1])
+    slope, intercept = np.polyfit(late, gaps, 1)
+    scatter = np.sqrt(((gaps - slope * late - intercept) ** 2).sum() / (late.size - 2))
+    assert gap.lost_se == pytest.approx(scatter * np.sqrt(2 / window))
+    assert gap.slope_se == pytest.approx(10 * scatter / np.sqrt(((late - late.mean()) ** 2).sum()))
+    assert 0.3 < scatter < 0.5  # the wobble, not the offset, sets the errors
+
+    mean = gap_over_rounds.mean_gap([gap, gap])
+    assert mean.lost_se == pytest.approx(gap.lost_se / np.sqrt(2))
+    assert mean.final_full == pytest.approx(gap.final_full)
 
 
 def test_cli_prints_each_pair_and_the_mean(
