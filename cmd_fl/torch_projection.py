@@ -16,18 +16,14 @@ from cmd_fl.layout import ParameterLayout
 
 @dataclass
 class _TensorPart:
-    """The embedded entries of one parameter tensor, in ascending flat position.
+    """Where one parameter tensor holds embedded entries.
 
-    ``a``, ``b`` and ``modes`` live on the parameter's device. The projection reads the
-    references with ``index_select`` and writes through the boolean mask with
+    The projection writes a tensor's embedded values through its boolean mask with
     ``masked_scatter_``: on a CPU several times faster than advanced indexing with an index list.
     """
 
     param: torch.nn.Parameter
-    local_idx: torch.Tensor  # flat positions inside the parameter (CPU)
-    a: torch.Tensor
-    b: torch.Tensor
-    modes: torch.Tensor
+    size: int  # embedded entries in this tensor
     keep: torch.Tensor  # gradient mask: 0 on embedded entries
     embedded: torch.Tensor  # flat bool mask
 
@@ -67,34 +63,44 @@ class StepPostHook(ABC):
 
 @dataclass
 class _ModeFold:
-    """What the ``"mode"`` reference gradient needs, as flat tensors over all N weights."""
+    """What the ``"mode"`` reference gradient needs, as flat tensors over all N weights.
 
-    embedded: torch.Tensor  # flat indices of the embedded weights
-    modes: torch.Tensor  # their modes
-    a: torch.Tensor  # their slopes, float64
+    The embedded weights are held grouped by mode, so each mode's ``sum_i a_i g_i`` is one dot
+    product over a contiguous slice of a single gather: on a CPU about twice as fast as a
+    scatter-add of the products into M bins.
+    """
+
+    embedded: torch.Tensor  # flat indices of the embedded weights, grouped by mode
+    a: tuple[torch.Tensor, ...]  # per mode: the slopes of its embedded weights (float32)
+    sizes: list[int]  # per mode: how many of its weights are embedded
     references: torch.Tensor  # flat indices of the M references
     weight: torch.Tensor  # 1 + sum of a^2 over each mode's embedded weights, float64
 
     @classmethod
     def build(cls, state: EmbeddingState, device: torch.device) -> _ModeFold:
         emb = state.embedded_indices
-        a = state.frozen_a[emb].astype(np.float64)
-        weight = 1.0 + np.bincount(state.modes[emb], a * a, minlength=state.n_modes)
+        modes = state.modes[emb]
+        order = np.argsort(modes, kind="stable")
+        a = state.frozen_a[emb].astype(np.float32)
+        sizes = np.bincount(modes, minlength=state.n_modes)
+        weight = 1.0 + np.bincount(modes, a.astype(np.float64) ** 2, minlength=state.n_modes)
+        a = a[order]
         return cls(
-            embedded=torch.from_numpy(emb).to(device),
-            modes=torch.from_numpy(state.modes[emb].astype(np.int64)).to(device),
-            a=torch.from_numpy(a).to(device),
+            embedded=torch.from_numpy(emb[order]).to(device),
+            a=torch.from_numpy(a).to(device).split(sizes.tolist()),
+            sizes=sizes.tolist(),
             references=torch.from_numpy(state.references).to(device),
             weight=torch.from_numpy(weight).to(device),
         )
 
     def reference_gradients(self, flat_grad: torch.Tensor) -> torch.Tensor:
         """``(g_ref + sum_i a_i g_i) / (1 + sum_i a_i^2)`` per mode (float64)."""
-        pull = torch.zeros_like(self.weight).index_add_(
-            0, self.modes, self.a * flat_grad.index_select(0, self.embedded).double()
+        gathered = flat_grad.index_select(0, self.embedded).to(torch.float32)
+        pull = torch.stack(
+            [torch.dot(a, g) for a, g in zip(self.a, gathered.split(self.sizes), strict=True)]
         )
-        own = flat_grad.index_select(0, self.references).double()
-        return (own + pull) / self.weight
+        own = flat_grad.index_select(0, self.references)
+        return (own.double() + pull.double()) / self.weight
 
 
 class EmbeddedProjector(StepPostHook):
@@ -159,23 +165,24 @@ class EmbeddedProjector(StepPostHook):
             lo, hi = np.searchsorted(emb, [spec.offset, spec.offset + spec.numel])
             if hi == lo:
                 continue
-            idx = emb[lo:hi]
             param = params[spec.name]
-            device = param.device
-            local_idx = torch.from_numpy(idx - spec.offset)
             embedded = torch.zeros(spec.numel, dtype=torch.bool)
-            embedded[local_idx] = True
+            embedded[torch.from_numpy(emb[lo:hi] - spec.offset)] = True
             self._parts.append(
                 _TensorPart(
                     param=param,
-                    local_idx=local_idx,
-                    a=torch.from_numpy(state.frozen_a[idx]).to(device),
-                    b=torch.from_numpy(state.frozen_b[idx]).to(device),
-                    modes=torch.from_numpy(state.modes[idx].astype(np.int64)).to(device),
-                    keep=(~embedded).to(param.dtype).view(spec.shape).to(device),
-                    embedded=embedded.to(device),
+                    size=int(hi - lo),
+                    keep=(~embedded).to(param.dtype).view(spec.shape).to(param.device),
+                    embedded=embedded.to(param.device),
                 )
             )
+        # Coefficients of all embedded weights in flat order (tensor by tensor, ascending inside
+        # each), so the projection computes every value in three operations, not three per tensor.
+        device = params[layout.modelled[0].name].device if layout.modelled else torch.device("cpu")
+        self._a = torch.from_numpy(state.frozen_a[emb]).to(device)
+        self._b = torch.from_numpy(state.frozen_b[emb]).to(device)
+        self._modes = torch.from_numpy(state.modes[emb].astype(np.int64)).to(device)
+        self._sizes = [part.size for part in self._parts]
         self._modelled = [params[spec.name] for spec in layout.modelled]
         if reference_gradient == "mode":
             self._fold = _ModeFold.build(state, self._modelled[0].device)
@@ -194,11 +201,11 @@ class EmbeddedProjector(StepPostHook):
         Multiply, then add, in float32, as :class:`EmbeddingState` does, so the values are
         bitwise the server's.
         """
-        refs = self.reference_values()
-        for part in self._parts:
+        refs = self.reference_values().to(self._a.device)
+        values = self._a * refs.index_select(0, self._modes) + self._b
+        for part, part_values in zip(self._parts, values.split(self._sizes), strict=True):
             flat = part.param.data.view(-1)
-            values = part.a * refs.to(flat.device).index_select(0, part.modes) + part.b
-            flat.masked_scatter_(part.embedded, values.to(flat.dtype))
+            flat.masked_scatter_(part.embedded, part_values.to(flat.device, flat.dtype))
 
     def attach(self, optimizer: torch.optim.Optimizer) -> EmbeddedProjector:
         """Mask embedded gradients and project after each step of ``optimizer``; returns self."""

@@ -486,3 +486,20 @@ def test_state_rejects_embedded_reference_and_overlap() -> None:
     )
     with pytest.raises(WireFormatError, match="both embedded and released"):
         overlap.validate(N_WEIGHTS, N_MODES)
+
+
+def test_overlap_check_agrees_with_intersect1d() -> None:
+    # The validation's fast overlap test (binary search) against numpy's set intersection,
+    # on random sets, on sets touching only at their first or last element, and on empty ones.
+    from cmd_fl.wire import _overlap
+
+    rng = np.random.default_rng(0)
+    pairs = [(np.arange(5), np.arange(5, 9)), (np.arange(5), np.arange(4, 9))]
+    pairs += [(np.array([0]), np.arange(0, 9, 3)), (np.array([8]), np.arange(2, 9, 3))]
+    pairs += [(np.empty(0, np.int64), np.arange(3)), (np.arange(3), np.empty(0, np.int64))]
+    for _ in range(300):
+        a = np.unique(rng.integers(0, 400, rng.integers(0, 60)))
+        b = np.unique(rng.integers(0, 400, rng.integers(0, 200)))
+        pairs.append((a, b))
+    for a, b in pairs:
+        assert _overlap(a, b) == bool(np.intersect1d(a, b).size), (a, b)
