@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import RecordDict
 from torch import nn
 
 from cmd_fl import (
@@ -39,6 +40,7 @@ from cmd_fl import (
     ParameterLayout,
     posthoc_cmd,
 )
+from cmd_fl.payload import load_state, save_state
 from cmd_fl.posthoc import CHUNK
 from simulations.task import FashionMnistCnn, cifar_resnet18
 
@@ -244,11 +246,22 @@ def measure_projection_direct(
         fold_times.append(_timed(lambda: folding._mode_gradient(None, (), {})))  # type: ignore[arg-type]
     for param in model.parameters():
         param.grad = None
+    # A client reads its stored state (decode and check it) every round, and stores it again in
+    # rounds that change it: per round, not per step.
+    store = RecordDict()
+    save_s = statistics.median(
+        _timed(lambda: save_state(store, "state", state)) for _ in range(DIRECT_REPEATS)
+    )
+    load_s = statistics.median(
+        _timed(lambda: load_state(store, "state", state.n_weights)) for _ in range(DIRECT_REPEATS)
+    )
     return projector, {
         "fraction": fraction,
         "project_s": project_s,
         "mask_s": mask_s,
         "fold_s": statistics.median(fold_times),
+        "state_save_s": save_s,
+        "state_load_s": load_s,
     }
 
 
@@ -336,6 +349,11 @@ def build_rows(result: dict[str, Any]) -> list[Row]:
             rows += [
                 _info(f"projection + mode-gradient fold, {share}", fold, "s"),
                 _info(f"  / SGD step, {share}", fold / sgd_s, "ratio"),
+            ]
+        if "state_load_s" in proj:
+            rows += [
+                _info(f"client state load (per round), {share}", proj["state_load_s"], "s"),
+                _info(f"client state save (delta rounds), {share}", proj["state_save_s"], "s"),
             ]
     return rows
 

@@ -283,6 +283,10 @@ class EmbeddingSelector:
         Bound on ``|a|`` of embedded weights. Default None (no bound).
     max_residual : float or None
         Bound on the relative fit residual of embedded weights. Default None (no bound).
+    refill_released : bool
+        Whether events may embed other weights in the place of weights a refresh released.
+        Default False: released weights keep their place under the cap, so each release lowers
+        the embedded share for good (the clients' training showed the model needs that room).
     """
 
     def __init__(
@@ -292,6 +296,7 @@ class EmbeddingSelector:
         rule: str = "stability",
         max_abs_a: float | None = None,
         max_residual: float | None = None,
+        refill_released: bool = False,
     ) -> None:
         if rule not in SELECTION_RULES:
             raise ValueError(f"rule must be one of {SELECTION_RULES}, got {rule!r}")
@@ -299,6 +304,7 @@ class EmbeddingSelector:
         self.rule = rule
         self.max_abs_a = max_abs_a
         self.max_residual = max_residual
+        self.refill_released = refill_released
         self._last_a = start_fit.a.astype(np.float32)
         self._last_b = start_fit.b.astype(np.float32)
         # Weights never to embed again (released by a refresh).
@@ -343,7 +349,8 @@ class EmbeddingSelector:
     def select(self, fit: CMDFit, state: EmbeddingState) -> np.ndarray:
         """Sorted indices the event embeds (the quota's best-scored candidates), and remember
         this event's coefficients for the next one."""
-        quota = self.schedule.quota(state.n_weights, state.n_modes, state.n_embedded)
+        held = 0 if self.refill_released else int(self.excluded.sum())
+        quota = self.schedule.quota(state.n_weights, state.n_modes, state.n_embedded + held)
         delta = self.stability(fit)
         self._last_a = fit.a.astype(np.float32)
         self._last_b = fit.b.astype(np.float32)

@@ -62,7 +62,8 @@ class RunSettings:
     cmd_guard_pause: int = 5
     cmd_refresh_every: int = 20  # 0 = no refresh
     cmd_refresh_tolerance: float = 0.25
-    cmd_refresh_refit: bool = False  # probes also re-fit b of the weights that stay embedded
+    cmd_refresh_refit: bool = True  # probes also re-fit b of the weights that stay embedded
+    cmd_refresh_refill: bool = False  # events may embed others in released weights' place
     validation_size: int = 1000  # server-side validation split; 0 = none (no guard)
     min_valid_replies: int = 1
     round_timeout: float = 600.0  # seconds a round waits for replies; late ones are dropped
@@ -153,6 +154,7 @@ class RunSettings:
             refresh_every=self.cmd_refresh_every,
             refresh_tolerance=self.cmd_refresh_tolerance,
             refresh_refit=self.cmd_refresh_refit,
+            refresh_refill=self.cmd_refresh_refill,
         )
 
     def results_root(self) -> Path:

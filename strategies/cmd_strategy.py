@@ -80,7 +80,11 @@ class CMDOptions:
         In a refresh probe, also re-fit the offset ``b`` of every embedded weight that stays
         embedded, so the CMD model passes through the clients' averaged trained value
         (``b = w - a w_ref``): the frozen weights take one round of learning, and only the
-        changed coefficients travel (in the next state delta). Default False.
+        changed coefficients travel (in the next state delta). Default True: under Dirichlet
+        label skew, 80-round runs without it lost ground against FedAvg after round 40 (README).
+    refresh_refill : bool
+        Whether later events may embed other weights in the place of released ones. Default
+        False: a release lowers the embedded share for good.
     """
 
     selection_rule: str = "stability+fit"
@@ -92,7 +96,8 @@ class CMDOptions:
     refresh_every: int = 20
     refresh_tolerance: float = 0.25
     refresh_max_fraction: float = 0.1
-    refresh_refit: bool = False
+    refresh_refit: bool = True
+    refresh_refill: bool = False
 
 
 class CMDStrategy(FlatModelStrategy):
@@ -311,6 +316,7 @@ class CMDStrategy(FlatModelStrategy):
             rule=self.options.selection_rule,
             max_abs_a=self.options.max_abs_a,
             max_residual=self.options.max_residual,
+            refill_released=self.options.refresh_refill,
         )
 
     def _embedding_event(self, server_round: int) -> None:

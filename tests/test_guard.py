@@ -103,6 +103,37 @@ def test_refresh_releases_drifted_weights_for_good(tmp_path: Path) -> None:
         assert client_view == strategy.sent_checksums[exchange.server_round]
 
 
+@pytest.mark.parametrize("refill", [False, True])
+def test_released_weights_keep_their_place_under_the_cap_unless_refilled(
+    tmp_path: Path, refill: bool
+) -> None:
+    cap = 0.55
+    outcome, _ = simulate(
+        tmp_path,
+        num_server_rounds=WARMUP + 6,
+        cmd_projection="round",
+        cmd_embed_percent=30.0,
+        cmd_max_embedded=cap,
+        cmd_refresh_every=3,
+        cmd_refresh_tolerance=0.05,
+        cmd_refresh_refill=refill,
+    )
+    strategy = outcome.strategy
+    assert isinstance(strategy, CMDStrategy) and strategy.state is not None
+    assert strategy.selector is not None
+    released = int(strategy.selector.excluded.sum())
+    assert released > 0
+    cap_count = strategy.schedule.cap_count(strategy.state.n_weights, strategy.state.n_modes)
+    rows = {r["round"]: r for r in outcome.summary["rounds"]}
+    assert rows[WARMUP + 2]["embedded_fraction"] == pytest.approx(cap, abs=0.01)  # cap reached
+    if refill:  # events embedded other weights in the released ones' place
+        assert strategy.state.n_embedded == cap_count
+    else:  # the embedded share fell by what was released and stayed down
+        assert strategy.state.n_embedded + released == cap_count
+        late = [rows[r]["embedded_fraction"] for r in range(WARMUP + 3, WARMUP + 7)]
+        assert max(late) < rows[WARMUP + 2]["embedded_fraction"]
+
+
 def test_refresh_refit_moves_offsets_to_the_trained_values(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
