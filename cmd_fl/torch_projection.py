@@ -66,8 +66,9 @@ class _ModeFold:
     """What the ``"mode"`` reference gradient needs, as flat tensors over all N weights.
 
     The embedded weights are held grouped by mode, so each mode's ``sum_i a_i g_i`` is one dot
-    product over a contiguous slice of a single gather: on a CPU about twice as fast as a
-    scatter-add of the products into M bins.
+    product over a contiguous slice of a single gather: on a CPU faster than a float64
+    scatter-add of the products into M bins (79 vs 129 us for the Fashion-MNIST CNN at 80 %
+    embedded, one thread).
     """
 
     embedded: torch.Tensor  # flat indices of the embedded weights, grouped by mode
