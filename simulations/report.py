@@ -452,6 +452,14 @@ def _budget_note(by_method: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+def _scope(meta: dict[str, Any]) -> str:
+    """What this comparison ran of its preset (``--settings``, ``--methods``, ``--seeds``)."""
+    return (
+        f"settings {', '.join(meta['settings'])}; methods {', '.join(meta['methods'])}; "
+        f"seeds {' '.join(str(seed) for seed in meta['seeds'])}"
+    )
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The content of ``report.md``."""
     meta = results["meta"]
@@ -461,7 +469,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# cmd-fl comparison: `{meta['preset']}` preset",
         "",
-        f"{meta['preset_description']}. {len(done)} of {len(records)} runs done"
+        f"{meta['preset_description']}. This comparison: {_scope(meta)}. "
+        f"{len(done)} of {len(records)} runs done"
         + (" (interrupted: run the same command again to resume)" if meta["interrupted"] else "")
         + f". Created {meta['created']}.",
         "",

@@ -357,6 +357,7 @@ def test_report_files_and_tables_equal_results_json(tmp_path: Path) -> None:
     assert assert_table_matches_results(results, markdown) == 3 * len(report.TABLE_COLUMNS)
     assert results["failed"] == ["iid-apf-s1"]
     assert "**FAILED**: exit 1" in markdown
+    assert "This comparison: settings iid; methods fedavg, apf, cmd; seeds 0 1." in markdown
     assert parse_tables(markdown)["iid"]["apf"]["runs"] == "1/2"
     for stem in PLOT_STEMS:
         assert (tmp_path / f"iid-{stem}.png").read_bytes()[:4] == b"\x89PNG"
