@@ -177,16 +177,16 @@ class EmbeddedProjector(StepPostHook):
                     embedded=embedded.to(param.device),
                 )
             )
+        self._modelled = [params[spec.name] for spec in layout.modelled]
+        device = self._modelled[0].device if self._modelled else torch.device("cpu")
         # Coefficients of all embedded weights in flat order (tensor by tensor, ascending inside
         # each), so the projection computes every value in three operations, not three per tensor.
-        device = params[layout.modelled[0].name].device if layout.modelled else torch.device("cpu")
         self._a = torch.from_numpy(state.frozen_a[emb]).to(device)
         self._b = torch.from_numpy(state.frozen_b[emb]).to(device)
         self._modes = torch.from_numpy(state.modes[emb].astype(np.int64)).to(device)
         self._sizes = [part.size for part in self._parts]
-        self._modelled = [params[spec.name] for spec in layout.modelled]
         if reference_gradient == "mode":
-            self._fold = _ModeFold.build(state, self._modelled[0].device)
+            self._fold = _ModeFold.build(state, device)
 
     def reference_values(self) -> torch.Tensor:
         """The current M reference values (float32, on the CPU)."""
