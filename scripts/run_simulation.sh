@@ -11,6 +11,8 @@
 #   FLWR_HOME              Flower's home: connection config, installed apps, SuperLink log
 #                          (default: .flwr/ in the repository root, git-ignored)
 #   CMD_FL_BIN             folder with flwr, flower-superlink and python (default: .venv/bin)
+#   CMD_FL_APP             the Flower app folder to run (default: the repository root, the
+#                          cmd-fl app; e.g. examples/quickstart)
 #
 # Why not let `flwr run` start its managed SuperLink: that one listens on a fixed port (39091),
 # detaches, and outlives the command. This script starts the same SuperLink itself (simulation
@@ -107,8 +109,9 @@ if ! superlink_ready; then
     exit 1
 fi
 
+APP="$(cd "${CMD_FL_APP:-$REPO}" && pwd)"
 cd "$REPO"
-"$VENV_BIN/flwr" run . local --stream \
+"$VENV_BIN/flwr" run "$APP" local --stream \
     --federation-config "num-supernodes=$SUPERNODES client-resources-num-cpus=$CLIENT_CPUS" \
     "$@" 2>&1 | tee "$RUN_LOG"
 

@@ -93,10 +93,16 @@ def stop_processes_of(flwr_home: Path, grace_s: float) -> list[str]:
     return sorted(left.values())
 
 
-def run_simulation(tmp: Path) -> FlowerRun:
-    """Run the app once through ``scripts/run_simulation.sh`` and collect its results."""
-    flwr_home, cwd, results = tmp / "flwr-home", tmp / "cwd", tmp / "results"
-    for folder in (flwr_home, cwd, results):
+def run_script(
+    tmp: Path, run_config: str, env_extra: dict[str, str] | None = None
+) -> tuple[int, str, list[str], float]:
+    """Run ``scripts/run_simulation.sh`` once with its own FLWR_HOME, port and working directory.
+
+    Returns the exit code, the output, the command lines of processes left behind (killed)
+    and the wall time.
+    """
+    flwr_home, cwd = tmp / "flwr-home", tmp / "cwd"
+    for folder in (flwr_home, cwd):
         folder.mkdir()
     env = dict(os.environ)
     env.update(
@@ -106,13 +112,7 @@ def run_simulation(tmp: Path) -> FlowerRun:
         CMD_FL_CLIENT_CPUS="1",
         CMD_FL_BIN=str(Path(sys.executable).parent),  # this environment's flwr
     )
-    run_config = (
-        f"dataset='digits' num-server-rounds={NUM_ROUNDS} cmd-warmup={WARMUP} "
-        f"cmd-embed-every=1 results-dir='{results}' run-name='{RUN_NAME}' "
-        # Digits' 1,437 training images are few: more, smaller steps per round let the model
-        # learn in 6 rounds (about 0.9 accuracy in-process) at little cost.
-        "local-epochs=4 batch-size=8 learning-rate=0.1"
-    )
+    env.update(env_extra or {})
     started = time.monotonic()
     # A new session: on a timeout the whole tree can be signalled without touching pytest.
     proc = subprocess.Popen(
@@ -144,7 +144,21 @@ def run_simulation(tmp: Path) -> FlowerRun:
                 proc.wait()
         # Ray actors may take a moment to notice their driver is gone.
         leftover = stop_processes_of(flwr_home, grace_s=15)
-    wall_s = time.monotonic() - started
+    return proc.returncode, output, leftover, time.monotonic() - started
+
+
+def run_simulation(tmp: Path) -> FlowerRun:
+    """Run the app once through ``scripts/run_simulation.sh`` and collect its results."""
+    results = tmp / "results"
+    results.mkdir()
+    run_config = (
+        f"dataset='digits' num-server-rounds={NUM_ROUNDS} cmd-warmup={WARMUP} "
+        f"cmd-embed-every=1 results-dir='{results}' run-name='{RUN_NAME}' "
+        # Digits' 1,437 training images are few: more, smaller steps per round let the model
+        # learn in 6 rounds (about 0.9 accuracy in-process) at little cost.
+        "local-epochs=4 batch-size=8 learning-rate=0.1"
+    )
+    returncode, output, leftover, wall_s = run_script(tmp, run_config)
 
     out_dir = results / RUN_NAME
     summary_path, ledger_path = out_dir / "summary.json", out_dir / "ledger.csv"
@@ -153,7 +167,7 @@ def run_simulation(tmp: Path) -> FlowerRun:
     if ledger_path.exists():
         with ledger_path.open(newline="") as handle:
             ledger = list(csv.DictReader(handle))
-    return FlowerRun(proc.returncode, output, summary, ledger, leftover, wall_s)
+    return FlowerRun(returncode, output, summary, ledger, leftover, wall_s)
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +178,14 @@ def flower_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerRun]:
     yield run
 
 
+def describe_output(returncode: int, output: str) -> str:
+    """The end of a run's output, for assertion messages."""
+    return f"exit code {returncode}; output tail:\n{output[-4000:]}"
+
+
 def describe(run: FlowerRun) -> str:
     """The end of the run's output, for assertion messages."""
-    return f"exit code {run.returncode}; output tail:\n{run.output[-4000:]}"
+    return describe_output(run.returncode, run.output)
 
 
 def results(run: FlowerRun) -> tuple[dict[str, Any], list[dict[str, str]]]:
