@@ -118,17 +118,7 @@ class CMDClient:
     def _train_cmd(self, content: RecordDict, context: Context) -> RecordDict:
         config = content.config_records[CONFIG]
         state = self._synced_state(content, context)
-        model = CMDModel.from_record(
-            content.array_records[CMD_MODEL],
-            state.free_indices.size,
-            state.n_modes,
-            self._extras_bytes,
-        )
-        flat = state.assemble(model.free, model.references)
-        extras = unpack_tensors(model.extras, self._extras_specs)
-        self.layout.load_into(self.model, flat, extras)
-        checksum = model_checksum(flat, model.extras)
-        del flat, extras
+        checksum = self._load_cmd_model(content, state)
 
         probe = bool(config.get(PROBE, 0))
         projector = None
@@ -158,8 +148,26 @@ class CMDClient:
             }
         )
 
-    def _synced_state(self, content: RecordDict, context: Context) -> EmbeddingState:
-        """The client's state brought to the server's version, or a clear error."""
+    def _load_cmd_model(self, content: RecordDict, state: EmbeddingState) -> int:
+        """Load the CMD message's model (embedded weights rebuilt); returns its checksum."""
+        model = CMDModel.from_record(
+            content.array_records[CMD_MODEL],
+            state.free_indices.size,
+            state.n_modes,
+            self._extras_bytes,
+        )
+        flat = state.assemble(model.free, model.references)
+        extras = unpack_tensors(model.extras, self._extras_specs)
+        self.layout.load_into(self.model, flat, extras)
+        return model_checksum(flat, model.extras)
+
+    def _synced_state(
+        self, content: RecordDict, context: Context, persist: bool = True
+    ) -> EmbeddingState:
+        """The client's state brought to the server's version, or a clear error.
+
+        ``persist``: store a state delta that came with the message in ``context.state``.
+        """
         config = content.config_records[CONFIG]
         server_version = int(config[STATE_VERSION])  # type: ignore[arg-type]
         state = load_state(context.state, self.state_key, self.layout.n_weights)
@@ -169,7 +177,8 @@ class CMDClient:
                 content.array_records[CMD_STATE], self.layout.n_weights, n_modes
             )
             state = apply_delta(state, delta)
-            save_state(context.state, self.state_key, state)
+            if persist:
+                save_state(context.state, self.state_key, state)
         if state is None:
             raise ValueError("client has no CMD state and the message carries none")
         if state.version != server_version:
@@ -178,10 +187,33 @@ class CMDClient:
             )
         return state
 
-    def evaluate(self, msg: Message, evaluate_fn: EvaluateFn) -> Message:
-        """Answer a (dense) evaluation message with ``evaluate_fn``'s metrics."""
-        arrays = msg.content.array_records[DENSE_MODEL]
-        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    def evaluate(
+        self, msg: Message, evaluate_fn: EvaluateFn, context: Context | None = None
+    ) -> Message:
+        """Answer an evaluation message with ``evaluate_fn``'s metrics.
+
+        Dense messages (FedAvg, CMD's warm-up) carry the whole model. After the warm-up, CMD
+        evaluation messages carry only what training messages carry (free vector, references,
+        extras, and a state delta when this node is behind); they need ``context``, where the
+        node's CMD state lives. A state delta that comes with an evaluation is used for it and
+        not stored: the stored state moves only with training, which the server tracks.
+        """
+        content = msg.content
+        if CMD_MODEL in content.array_records:
+            if context is None:
+                raise ValueError(
+                    "a CMD evaluation message needs the node's context: "
+                    "call CMDClient.evaluate(msg, evaluate_fn, context)"
+                )
+            self._load_cmd_model(content, self._synced_state(content, context, persist=False))
+        elif DENSE_MODEL in content.array_records:
+            self.model.load_state_dict(
+                content.array_records[DENSE_MODEL].to_torch_state_dict(), strict=True
+            )
+        else:
+            raise ValueError(
+                f"evaluation message carries neither {DENSE_MODEL!r} nor {CMD_MODEL!r} arrays"
+            )
         metrics = dict(evaluate_fn(self.model))
         return Message(RecordDict({METRICS: metric_record(metrics)}), reply_to=msg)
 

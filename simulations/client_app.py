@@ -11,7 +11,7 @@ from clients.cmd_client import CMDClient, OptimizerHook, Projection
 from cmd_fl.payload import APF_MODEL
 from simulations.node_data import node_dataset
 from simulations.settings import RunSettings
-from simulations.task import build_model, train
+from simulations.task import build_model, evaluate, train
 
 app = ClientApp()
 
@@ -46,3 +46,25 @@ def train_handler(msg: Message, context: Context) -> Message:
         model, train_fn, projection=projection, reference_gradient=settings.cmd_reference_gradient
     )
     return client.train(msg, context)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this node's data (only when ``fraction-evaluate > 0``)."""
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    data, _ = node_dataset(settings, context.node_config)
+    torch.set_num_threads(1)
+
+    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
+        result = evaluate(model, data)
+        return {
+            "num-examples": int(result["num_examples"]),
+            "accuracy": float(result["accuracy"]),
+            "loss": float(result["loss"]),
+        }
+
+    def no_training(model: torch.nn.Module, hook: OptimizerHook | None) -> dict[str, float]:
+        raise RuntimeError("an evaluation handler does not train")
+
+    # Dense messages (FedAvg, APF, CMD's warm-up) and CMD's compact ones alike.
+    return CMDClient(build_model(settings.dataset), no_training).evaluate(msg, evaluate_fn, context)

@@ -180,17 +180,43 @@ class CMDStrategy(FlatModelStrategy):
             self.online.update(self.global_flat)
         if self.state is None:
             return super().train_messages(server_round, arrays, config, node_ids)
-        assert self.global_flat is not None and self.history is not None
-        free, refs = self.state.split(self.global_flat)
-        extras = pack_tensors(self.global_extras)
-        self.sent_checksums[server_round] = model_checksum(self.global_flat, extras)
-        model_record = CMDModel(free, refs, extras).to_record()
-        config[STATE_VERSION] = self.state.version
-        config[N_MODES] = self.state.n_modes
+        assert self.global_flat is not None
         probe = self._is_probe_round(server_round)
         config[PROBE] = int(probe)
         if probe:
             self._probe_rounds.add(server_round)
+        messages, checksum = self._cmd_messages(config, node_ids, MessageType.TRAIN)
+        self.sent_checksums[server_round] = checksum
+        return messages
+
+    def evaluate_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        """Dense in warm-up; afterwards what CMD sends for training (free vector, references).
+
+        A node behind the server's state version gets the state delta with it, as for training;
+        the node does not keep it (its stored state moves only with training replies, whose
+        checksums prove it), so an evaluation never puts client and server views out of step.
+        """
+        if self.state is None or self.global_flat is None:
+            return super().evaluate_messages(server_round, arrays, config, node_ids)
+        messages, _ = self._cmd_messages(config, node_ids, MessageType.EVALUATE)
+        return messages
+
+    def _cmd_messages(
+        self, config: ConfigRecord, node_ids: list[int], message_type: str
+    ) -> tuple[list[Message], int]:
+        """One CMD message per node (free vector, references, extras, state delta if behind).
+
+        Returns the messages and the checksum of the model they carry.
+        """
+        assert self.state is not None and self.global_flat is not None
+        assert self.history is not None
+        free, refs = self.state.split(self.global_flat)
+        extras = pack_tensors(self.global_extras)
+        model_record = CMDModel(free, refs, extras).to_record()
+        config[STATE_VERSION] = self.state.version
+        config[N_MODES] = self.state.n_modes
         messages = []
         for node in node_ids:
             content = RecordDict({CMD_MODEL: model_record, CONFIG: config})
@@ -198,10 +224,8 @@ class CMDStrategy(FlatModelStrategy):
             if known < self.state.version:
                 delta = self.history.delta(self.state, known)
                 content[CMD_STATE] = delta.to_array_record(self.state.n_weights, self.state.n_modes)
-            messages.append(
-                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
-            )
-        return messages
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        return messages, model_checksum(self.global_flat, extras)
 
     # --- receiving ----------------------------------------------------------------------------
     def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]

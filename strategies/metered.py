@@ -412,13 +412,35 @@ class MeteredFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's client evaluation, metered (off unless fraction_evaluate > 0)."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        """Sample nodes and build (and meter) one evaluation message per node.
+
+        Off unless ``fraction_evaluate > 0``: by default the server evaluates the global model
+        itself (``evaluate_fn``) and no model travels for it.
+        """
+        if self.fraction_evaluate == 0.0:
+            return []
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_evaluate)
+        node_ids, _ = sample_nodes(
+            grid, self.min_available_nodes, max(num_nodes, self.min_evaluate_nodes)
+        )
+        config = ConfigRecord(dict(config.items()))  # a copy per round, as for training
+        config[SERVER_ROUND] = server_round
+        messages = self.evaluate_messages(server_round, arrays, config, sorted(node_ids))
         for message in messages:
             self.ledger.record_message(
                 server_round, "evaluate", "down", message.metadata.dst_node_id, message
             )
         return messages
+
+    def evaluate_messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        """Dense evaluation messages: the whole model to every node."""
+        content = RecordDict({DENSE_MODEL: arrays, CONFIG: config})
+        return [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node)
+            for node in node_ids
+        ]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

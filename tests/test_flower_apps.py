@@ -237,3 +237,36 @@ def test_a_third_of_the_clients_failing_at_random_changes_nothing_else(tmp_path:
         client_view = exchange.reply.content.metric_records[METRICS]["model-checksum"]
         assert client_view == strategy.sent_checksums[exchange.server_round]
     assert outcome.summary["final_accuracy"] > 0.3
+
+
+def test_client_evaluation_sends_what_cmd_sends_for_training(tmp_path: Path) -> None:
+    # Execute: the real apps with client-side evaluation on every node every round
+    outcome, grid = simulate(tmp_path, fraction_evaluate=1.0, num_server_rounds=5)
+    strategy = outcome.strategy
+    assert isinstance(strategy, CMDStrategy) and strategy.state is not None
+    evaluations = [e for e in grid.exchanges if e.instruction.metadata.message_type == "evaluate"]
+    trainings = {
+        (e.server_round, e.node_id): e
+        for e in grid.exchanges
+        if e.instruction.metadata.message_type == "train"
+    }
+    # Assert: after the warm-up evaluation carries the compact CMD model, not the dense one,
+    # and costs no more than that round's next training message to the same node
+    assert len(evaluations) == 4 * 5
+    for exchange in evaluations:
+        records = exchange.instruction.content.array_records
+        if exchange.server_round < WARMUP:  # CMD starts after round WARMUP's aggregation
+            assert DENSE_MODEL in records
+            continue
+        if exchange.server_round > WARMUP:
+            assert DENSE_MODEL not in records and CMD_MODEL in records
+        assert METRICS in exchange.reply.content.metric_records, exchange.reply.error
+        following = trainings.get((exchange.server_round + 1, exchange.node_id))
+        if following is not None and CMD_STATE not in following.instruction.content.array_records:
+            assert message_wire_bytes(exchange.instruction) <= message_wire_bytes(
+                following.instruction
+            ) + 64
+    # ... and both directions of evaluation are in the ledger
+    ledger_phases = {(row.phase, row.direction) for row in strategy.ledger.rows}
+    assert {("evaluate", "down"), ("evaluate", "up")} <= ledger_phases
+    assert outcome.summary["rejected_replies"]["total"] == 0
