@@ -263,9 +263,10 @@ def test_client_evaluation_sends_what_cmd_sends_for_training(tmp_path: Path) -> 
         assert METRICS in exchange.reply.content.metric_records, exchange.reply.error
         following = trainings.get((exchange.server_round + 1, exchange.node_id))
         if following is not None and CMD_STATE not in following.instruction.content.array_records:
-            assert message_wire_bytes(exchange.instruction) <= message_wire_bytes(
-                following.instruction
-            ) + 64
+            assert (
+                message_wire_bytes(exchange.instruction)
+                <= message_wire_bytes(following.instruction) + 64
+            )
     # ... and both directions of evaluation are in the ledger
     ledger_phases = {(row.phase, row.direction) for row in strategy.ledger.rows}
     assert {("evaluate", "down"), ("evaluate", "up")} <= ledger_phases
