@@ -271,3 +271,43 @@ def test_client_evaluation_sends_what_cmd_sends_for_training(tmp_path: Path) -> 
     ledger_phases = {(row.phase, row.direction) for row in strategy.ledger.rows}
     assert {("evaluate", "down"), ("evaluate", "up")} <= ledger_phases
     assert outcome.summary["rejected_replies"]["total"] == 0
+
+
+def test_the_cifar10_preset_resnet18_runs_under_cmd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a tiny CIFAR-10 python-format folder, read by torchvision's own code (its md5
+    # check reduced to "file exists": these files cannot match the real batches' sums)
+    import torchvision
+
+    from simulations.compare import PRESETS
+    from tests.test_data import write_tiny_cifar10
+
+    write_tiny_cifar10(tmp_path / "data", n_train=48, n_test=16)
+    real_check = torchvision.datasets.cifar.check_integrity
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda f, md5=None: real_check(f, None)
+    )
+    preset = RunSettings.from_run_config(PRESETS["cifar10"].config)
+    values = {
+        name: getattr(preset, name)
+        for name in ("dataset", "learning_rate", "momentum", "cmd_modes", "cmd_samples")
+    }
+    # Execute: ResNet-18 (BatchNorm everywhere) for 3 rounds, CMD from round 2
+    outcome, grid = simulate(
+        tmp_path,
+        base={**values, "data_root": str(tmp_path / "data"), "train_subset": 0},
+        num_partitions=2,
+        num_server_rounds=3,
+        batch_size=8,
+        cmd_warmup=1,
+        cmd_embed_every=1,
+        validation_size=0,
+    )
+    # Assert: every reply was averaged, CMD embedded weights, BatchNorm's counter advanced
+    assert outcome.summary["rejected_replies"]["total"] == 0
+    assert outcome.summary["rounds"][-1]["embedded_fraction"] > 0
+    final = outcome.strategy.global_arrays() if isinstance(outcome.strategy, CMDStrategy) else None
+    assert final is not None
+    tracked = final["bn1.num_batches_tracked"].numpy()
+    assert tracked.shape == () and tracked.dtype == np.int64 and int(tracked) == 3 * 3
