@@ -43,9 +43,9 @@ Projection = Literal["step", "round"]
 logger = logging.getLogger(__name__)
 
 HOOK_WARNING = (
-    "CMD step projection: the embedded weights left the CMD model during training (train_fn "
-    "never let the projector hook its optimizer); they were re-projected from the trained "
-    "references. Fix: call optimizer_hook(optimizer) in train_fn before training."
+    "CMD step projection: the embedded weights left the CMD model during training (usually: "
+    "train_fn never called optimizer_hook); they were re-projected from the trained references. "
+    "Fix: call optimizer_hook(optimizer) in train_fn before training."
 )
 
 
