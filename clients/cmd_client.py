@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Literal
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from cmd_fl.embedding import EmbeddingState
 from cmd_fl.layout import ParameterLayout
@@ -39,6 +40,14 @@ EvaluateFn = Callable[[torch.nn.Module], Mapping[str, float]]
 
 Projection = Literal["step", "round"]
 
+logger = logging.getLogger(__name__)
+
+HOOK_WARNING = (
+    "CMD step projection: the embedded weights left the CMD model during training (usually: "
+    "train_fn never called optimizer_hook); they were re-projected from the trained references. "
+    "Fix: call optimizer_hook(optimizer) in train_fn before training."
+)
+
 
 class CMDClient:
     """Wraps a PyTorch model and the user's training function for the CMD protocol.
@@ -68,6 +77,17 @@ class CMDClient:
     reference_gradient : {"own", "mode"}
         How references train under ``step`` projection (see :class:`EmbeddedProjector`).
         Default ``"mode"``.
+
+    Notes
+    -----
+    A ``train_fn`` that ignores ``optimizer_hook`` under ``step`` projection trains the embedded
+    weights freely, and that drift is lost (only free weights and references are sent). After
+    training the client compares the embedded weights with ``a * w_ref + b`` (one vectorised
+    comparison); if any is off, it re-projects them from the trained references, so the live
+    model matches what it reports, and logs a warning naming the fix once per client state
+    (a flag in ``context.state``, since Flower may build a new client for every message).
+    It warns rather than refuses: the round's result is still a valid CMD update, only a
+    poorer one. ``round`` projection and probe rounds expect the drift and are not checked.
     """
 
     def __init__(
@@ -136,6 +156,8 @@ class CMDClient:
 
         trained = self.model.state_dict()
         trained_flat = self.layout.flatten_numpy(trained)
+        if projector is not None:
+            self._check_on_model(projector, state, trained_flat, context)
         free, refs = state.split(trained_flat)
         embedded = trained_flat[state.embedded_indices].astype(np.float32) if probe else None
         extras_blob = pack_tensors(self.layout.extra_tensors(trained))
@@ -160,6 +182,31 @@ class CMDClient:
         extras = unpack_tensors(model.extras, self._extras_specs)
         self.layout.load_into(self.model, flat, extras)
         return model_checksum(flat, model.extras)
+
+    def _check_on_model(
+        self,
+        projector: EmbeddedProjector,
+        state: EmbeddingState,
+        trained: np.ndarray,
+        context: Context,
+    ) -> None:
+        """Re-project embedded weights that left the CMD model, and warn once per state.
+
+        ``trained`` is the flat trained model; it and the live model are re-projected in place.
+        """
+        embedded = trained[state.embedded_indices]
+        # With the hook attached the projector writes these values bitwise; the tolerance only
+        # absorbs a dtype round trip, not training.
+        expected = state.embedded_values(trained[state.references])
+        if np.allclose(embedded, expected, rtol=1e-6, atol=1e-7):
+            return
+        projector.project()
+        state.project(trained)
+        flag = self.state_key + ".hook-warned"
+        if flag not in context.state.config_records:
+            context.state[flag] = ConfigRecord({"warned": 1})
+            drift = float(np.max(np.abs(embedded - expected)))
+            logger.warning("%s (max drift %.3g)", HOOK_WARNING, drift)
 
     def _synced_state(
         self, content: RecordDict, context: Context, persist: bool = True
