@@ -42,8 +42,8 @@ def weighted_average(
         for client, factor in zip(arrays, factors, strict=True):
             acc += client[k].astype(np.float64, copy=False) * factor
         if np.issubdtype(first.dtype, np.integer):
-            acc = np.rint(acc)
-        out.append(acc.astype(first.dtype))
+            np.rint(acc, out=acc)  # in place: np.rint of a 0-d array returns a numpy scalar
+        out.append(np.asarray(acc.astype(first.dtype)).reshape(first.shape))
     return out
 
 
