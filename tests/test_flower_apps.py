@@ -294,7 +294,7 @@ def test_the_cifar10_preset_resnet18_runs_under_cmd(
         for name in ("dataset", "learning_rate", "momentum", "cmd_modes", "cmd_samples")
     }
     # Execute: ResNet-18 (BatchNorm everywhere) for 3 rounds, CMD from round 2
-    outcome, grid = simulate(
+    outcome, _ = simulate(
         tmp_path,
         base={**values, "data_root": str(tmp_path / "data"), "train_subset": 0},
         num_partitions=2,
