@@ -56,8 +56,10 @@ def test_bad_input_is_refused() -> None:
 
 def test_zero_d_buffers_stay_arrays_of_their_dtype() -> None:
     # BatchNorm's num_batches_tracked is a 0-d int64 buffer; Flower's Array rejects numpy scalars
-    clients = [[np.array(3, dtype=np.int64), np.array(1.5, dtype=np.float32)]] * 2
-    clients = [clients[0], [np.array(4, dtype=np.int64), np.array(2.5, dtype=np.float32)]]
+    clients: list[list[np.ndarray]] = [
+        [np.array(3, dtype=np.int64), np.array(1.5, dtype=np.float32)],
+        [np.array(4, dtype=np.int64), np.array(2.5, dtype=np.float32)],
+    ]
     averaged = weighted_average(clients, [1.0, 3.0])
     assert all(isinstance(a, np.ndarray) and a.shape == () for a in averaged)
     assert averaged[0].dtype == np.int64 and int(averaged[0]) == 4  # rint(3.75)
