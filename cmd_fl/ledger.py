@@ -64,6 +64,7 @@ __all__ = [
     "message_control_bytes",
     "message_payload_bytes",
     "message_wire_bytes",
+    "saved_fraction",
 ]
 
 Phase = Literal["train", "evaluate", "query"]
@@ -188,6 +189,24 @@ def message_control_bytes(message: Message, direction: Direction | None = None) 
         session_id="0" * _SESSION_ID_LENGTH,
     )
     return int(push_request.ByteSize() + push_response.ByteSize())
+
+
+def saved_fraction(spent: int | float, baseline: int | float) -> float:
+    """Return the fraction of `baseline` bytes not spent: ``1 - spent / baseline``.
+
+    Parameters
+    ----------
+    spent : int | float
+        Bytes a run sent (negative savings when it sent more than the baseline).
+    baseline : int | float
+        Bytes of the reference run; 0 (nothing to compare with) gives 0.0.
+
+    Returns
+    -------
+    float
+        The saving as a fraction, e.g. 0.75 for a quarter of the baseline's bytes.
+    """
+    return 1.0 - spent / baseline if baseline else 0.0
 
 
 @dataclass(frozen=True)
@@ -378,6 +397,30 @@ class ByteLedger:
             out[f"control_{row.direction}"] += row.control_bytes
             out[f"messages_{row.direction}"] += 1
         return out
+
+    def total_bytes(self) -> int:
+        """Return the wire bytes up plus down: what the project reports as "total" bytes."""
+        totals = self.totals()
+        return totals["bytes_up"] + totals["bytes_down"]
+
+    def saved_vs(self, baseline: ByteLedger | int) -> float:
+        """Return the fraction of wire bytes saved against a baseline run.
+
+        Wire bytes (up plus down) are the headline number, as in ``summary.json``'s
+        ``total_bytes_up``/``total_bytes_down`` and the comparison report.
+
+        Parameters
+        ----------
+        baseline : ByteLedger | int
+            The reference run's ledger, or its total wire bytes.
+
+        Returns
+        -------
+        float
+            ``1 - self.total_bytes() / baseline bytes`` (0.0 for an empty baseline).
+        """
+        base = baseline.total_bytes() if isinstance(baseline, ByteLedger) else int(baseline)
+        return saved_fraction(self.total_bytes(), base)
 
     def round_totals(self, round: int) -> dict[str, int]:
         """Return `totals` for one round."""

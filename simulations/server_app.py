@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from cmd_fl.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 from cmd_fl.layout import ParameterLayout
-from cmd_fl.ledger import ByteLedger
+from cmd_fl.ledger import ByteLedger, saved_fraction
 from simulations.data import load_dataset
 from simulations.federation import validation_dataset
 from simulations.settings import RunSettings
@@ -133,7 +133,7 @@ class RunRecorder:
         first = self.rows[0]
         dense_round = first["bytes_up"] + first["bytes_down"]  # round 1 is dense for every method
         spent = sum(r["bytes_up"] + r["bytes_down"] for r in self.rows)
-        saved = 1.0 - spent / (dense_round * len(self.rows)) if dense_round else 0.0
+        saved = saved_fraction(spent, dense_round * len(self.rows))
         print(
             f"[cmd-fl] round {row['round']}/{self.settings.num_server_rounds}: "
             f"accuracy {row['accuracy']:.4f} | this round {row['bytes_down'] / 1e6:.3f} MB down, "

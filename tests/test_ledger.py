@@ -39,6 +39,7 @@ from cmd_fl.ledger import (
     message_control_bytes,
     message_payload_bytes,
     message_wire_bytes,
+    saved_fraction,
 )
 
 RUN_ID = 8_346_523_987_123_456_789
@@ -321,3 +322,20 @@ def test_ledger_row_validation(changes: dict[str, object], error: type[Exception
         LedgerRow(**values)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         ByteLedger().append({"round": 1})  # type: ignore[arg-type]
+
+
+def _row(node_id: int, direction: str, wire: int, payload: int, control: int) -> LedgerRow:
+    return LedgerRow(1, "train", direction, node_id, "model", payload, wire, control)
+
+
+def test_saved_vs_counts_wire_bytes_up_and_down() -> None:
+    # Prepare: payload and control differ from wire so a wrong total changes the answer
+    ledger = ByteLedger([_row(1, "down", 100, 7, 900), _row(1, "up", 150, 3, 900)])
+    baseline = ByteLedger([_row(1, "down", 500, 1, 1), _row(1, "up", 500, 1, 1)])
+    # Execute / Assert
+    assert ledger.total_bytes() == 250
+    assert ledger.saved_vs(baseline) == pytest.approx(0.75)
+    assert ledger.saved_vs(1000) == pytest.approx(0.75)
+    assert ledger.saved_vs(125) == pytest.approx(-1.0)
+    assert ledger.saved_vs(ByteLedger()) == 0.0
+    assert saved_fraction(30, 120) == pytest.approx(0.75)
