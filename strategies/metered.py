@@ -134,9 +134,12 @@ class MeteredFedAvg(FedAvg):
     # --- sampling and sending -----------------------------------------------------------------
     def sample_train_nodes(self, grid: Grid) -> list[int]:
         """Sample this round's training nodes as FedAvg does."""
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        sample_size = max(num_nodes, self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        return self._sample(grid, self.fraction_train, self.min_train_nodes)
+
+    def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
+        """FedAvg's sampling: ``fraction`` of the connected nodes, at least ``min_nodes``."""
+        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, min_nodes))
         return sorted(node_ids)
 
     def configure_train(
@@ -419,13 +422,10 @@ class MeteredFedAvg(FedAvg):
         """
         if self.fraction_evaluate == 0.0:
             return []
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_evaluate)
-        node_ids, _ = sample_nodes(
-            grid, self.min_available_nodes, max(num_nodes, self.min_evaluate_nodes)
-        )
+        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
         config = ConfigRecord(dict(config.items()))  # a copy per round, as for training
         config[SERVER_ROUND] = server_round
-        messages = self.evaluate_messages(server_round, arrays, config, sorted(node_ids))
+        messages = self.evaluate_messages(server_round, arrays, config, node_ids)
         for message in messages:
             self.ledger.record_message(
                 server_round, "evaluate", "down", message.metadata.dst_node_id, message
