@@ -143,7 +143,7 @@ PRESETS: dict[str, Preset] = {
             "num-partitions": 4,
             "num-server-rounds": 8,
             "train-subset": 0,
-            "validation-size": 150,
+            "validation-size": 140,
             "learning-rate": 0.05,
             "momentum": 0.9,
             "local-epochs": 3,

@@ -7,12 +7,19 @@ any client's partition (and the test split is never used for decisions).
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from simulations.data import ArrayDataset, load_dataset, partition_indices
 from simulations.settings import RunSettings
+
+logger = logging.getLogger("flwr.cmd_fl")
+
+# The validation split never takes more than this share of the training set, so a default meant
+# for Fashion-MNIST (1,000 of 60,000) does not take most of a small data set (digits: 1,437).
+MAX_VALIDATION_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -37,10 +44,19 @@ def _split(
     train_set, _ = load_dataset(dataset, root or None)
     labels = train_set.y.numpy()
     order = np.random.default_rng(seed).permutation(labels.size)
-    if validation_size >= labels.size:
-        raise ValueError(f"validation-size {validation_size} leaves no training data")
-    validation = np.sort(order[:validation_size])
-    rest = order[validation_size:]
+    held_out = min(validation_size, int(MAX_VALIDATION_FRACTION * labels.size))
+    if held_out < validation_size:
+        logger.warning(
+            "validation-size %d is more than %d%% of the %d training examples of %r: "
+            "the validation split holds %d",
+            validation_size,
+            round(100 * MAX_VALIDATION_FRACTION),
+            labels.size,
+            dataset,
+            held_out,
+        )
+    validation = np.sort(order[:held_out])
+    rest = order[held_out:]
     if 0 < train_subset < rest.size:
         rest = rest[:train_subset]
     pool = np.sort(rest)
@@ -49,8 +65,13 @@ def _split(
 
 
 def federated_split(settings: RunSettings, num_partitions: int | None = None) -> FederatedSplit:
-    """The run's split (cached per process)."""
-    return _split(
+    """The run's split (cached per process).
+
+    The validation split is ``validation-size`` examples, at most ``MAX_VALIDATION_FRACTION`` of
+    the training set. Raises ``ValueError`` when a partition would hold fewer examples than one
+    batch, with the settings that would fix it.
+    """
+    split = _split(
         settings.dataset,
         settings.data_root,
         settings.validation_size,
@@ -60,6 +81,16 @@ def federated_split(settings: RunSettings, num_partitions: int | None = None) ->
         settings.dirichlet_alpha,
         settings.seed,
     )
+    sizes = [part.size for part in split.partitions]
+    smallest = min(sizes)
+    if smallest < settings.batch_size:
+        raise ValueError(
+            f"partition {sizes.index(smallest)} of {len(sizes)} would hold {smallest} training "
+            f"examples, fewer than one batch (batch-size {settings.batch_size}) of "
+            f"{settings.dataset!r}: use fewer partitions (num-partitions), a smaller batch-size, "
+            f"a larger train-subset, a smaller validation-size, or a larger dirichlet-alpha"
+        )
+    return split
 
 
 def client_dataset(settings: RunSettings, partition_id: int, num_partitions: int) -> ArrayDataset:

@@ -42,6 +42,8 @@ import torch
 from simulations.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    DIGITS_MEAN,
+    DIGITS_STD,
     DATASETS,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -79,7 +81,7 @@ class InputSpec:
 # (digits is only scaled to [0, 1]); tests/test_deployment.py checks it on the built-in data.
 INPUT_SPECS: dict[str, InputSpec] = {
     "fashion-mnist": InputSpec((1, 28, 28), 10, (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)),
-    "digits": InputSpec((1, 8, 8), 10, (0.0,), (1.0,)),
+    "digits": InputSpec((1, 8, 8), 10, (DIGITS_MEAN,), (DIGITS_STD,)),
     "cifar10": InputSpec((3, 32, 32), 10, CIFAR10_MEAN, CIFAR10_STD),
 }
 assert set(INPUT_SPECS) == set(DATASETS), "every built-in data set needs an InputSpec"

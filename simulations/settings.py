@@ -64,7 +64,7 @@ class RunSettings:
     cmd_refresh_tolerance: float = 0.25
     cmd_refresh_refit: bool = True  # probes also re-fit b of the weights that stay embedded
     cmd_refresh_refill: bool = False  # events may embed others in released weights' place
-    validation_size: int = 1000  # server-side validation split; 0 = none (no guard)
+    validation_size: int = 1000  # server-side validation split, at most 10 % of the data; 0 = none
     min_valid_replies: int = 1
     round_timeout: float = 600.0  # seconds a round waits for replies; late ones are dropped
     max_num_examples: int = 0  # 0 = no bound

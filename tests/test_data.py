@@ -92,7 +92,10 @@ def test_digits_loads_deterministic_split() -> None:
     # Assert
     assert (len(train), len(test)) == (1437, 360)
     assert train.x.shape == (1437, 1, 8, 8) and train.x.dtype == torch.float32
-    assert float(train.x.min()) == 0.0 and float(train.x.max()) == 1.0
+    intensities = train.x * data.DIGITS_STD + data.DIGITS_MEAN  # standardised pixels / 16
+    assert float(intensities.min()) == pytest.approx(0.0, abs=1e-6)
+    assert float(intensities.max()) == pytest.approx(1.0, abs=1e-6)
+    assert abs(float(train.x.mean())) < 0.01 and abs(float(train.x.std()) - 1.0) < 0.01
     assert train.y.dtype == torch.int64 and train.num_classes == 10
     data._load_dataset_cached.cache_clear()
     again, _ = load_dataset("digits")

@@ -30,7 +30,7 @@ BASE: dict[str, Any] = {
     "cmd_samples": 500,
     "train_subset": 0,
     "learning_rate": 0.1,
-    "validation_size": 150,
+    "validation_size": 140,
 }
 
 

@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from simulations.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_dataset
+from simulations.data import (
+    DIGITS_MEAN,
+    DIGITS_STD,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    load_dataset,
+)
 from simulations.federation import client_dataset
 from simulations.node_data import (
     INPUT_SPECS,
@@ -44,7 +50,8 @@ def test_digits_partition_round_trips_through_an_npz_file(tmp_path: Path) -> Non
     # Prepare: partition 1 of 2 as a node would export it (intensities in [0, 1], (N, H, W)).
     settings = RunSettings(dataset="digits", num_partitions=2)
     part = client_dataset(settings, 1, 2)
-    path = _save(tmp_path / "node.npz", x=part.x.numpy()[:, 0], y=part.y.numpy())
+    intensities = part.x.numpy()[:, 0] * DIGITS_STD + DIGITS_MEAN
+    path = _save(tmp_path / "node.npz", x=intensities, y=part.y.numpy())
 
     # Execute
     loaded = load_node_data(path, "digits")
@@ -84,7 +91,9 @@ def test_input_specs_match_the_built_in_digits_loader() -> None:
     train, _ = load_dataset("digits")
     assert train.input_shape == INPUT_SPECS["digits"].shape
     assert train.num_classes == INPUT_SPECS["digits"].num_classes
-    assert float(train.x.min()) >= 0.0 and float(train.x.max()) <= 1.0  # scaled, not standardised
+    assert (INPUT_SPECS["digits"].mean, INPUT_SPECS["digits"].std) == ((DIGITS_MEAN,), (DIGITS_STD,))
+    # Standardised with the training split's statistics.
+    assert abs(float(train.x.mean())) < 0.01 and abs(float(train.x.std()) - 1.0) < 0.01
 
 
 @pytest.mark.parametrize(
@@ -144,8 +153,9 @@ def test_label_named_folders_keep_the_runs_labels(tmp_path: Path) -> None:
 
     assert sorted(loaded.y.tolist()) == [3, 3, 7]
     assert loaded.x.shape == (3, 1, 8, 8)
-    values = sorted({round(float(v), 6) for v in loaded.x.flatten()})
-    assert values == [0.0, round(10 / 255, 6)]  # scaled to [0, 1]; digits is not standardised
+    values = sorted({round(float(v), 5) for v in loaded.x.flatten()})
+    # Scaled to [0, 1], then standardised like the built-in digits.
+    assert values == [round((i - DIGITS_MEAN) / DIGITS_STD, 5) for i in (0.0, 10 / 255)]
 
 
 def test_rgb_images_become_grayscale_for_a_grayscale_data_set(tmp_path: Path) -> None:
