@@ -42,9 +42,9 @@ import torch
 from simulations.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    DATASETS,
     DIGITS_MEAN,
     DIGITS_STD,
-    DATASETS,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     ArrayDataset,

@@ -50,7 +50,8 @@ class DigitsCnn(nn.Module):
         # ~100 steps, longer than a client's share of a short federated run.
         for layer in (self.conv, self.fc1, self.fc2):
             nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return class logits of shape ``(n, num_classes)`` for inputs ``(n, 1, 8, 8)``."""

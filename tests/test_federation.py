@@ -45,7 +45,7 @@ def test_a_validation_size_within_the_cap_is_kept_exactly() -> None:
 )
 def test_a_partition_smaller_than_a_batch_is_refused_with_the_fix(overrides: dict) -> None:
     settings = RunSettings(dataset="digits", **overrides)
-    with pytest.raises(ValueError, match="fewer than one batch.*num-partitions.*batch-size"):
+    with pytest.raises(ValueError, match=r"fewer than one batch.*num-partitions.*batch-size"):
         federated_split(settings)
 
 

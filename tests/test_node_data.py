@@ -91,7 +91,8 @@ def test_input_specs_match_the_built_in_digits_loader() -> None:
     train, _ = load_dataset("digits")
     assert train.input_shape == INPUT_SPECS["digits"].shape
     assert train.num_classes == INPUT_SPECS["digits"].num_classes
-    assert (INPUT_SPECS["digits"].mean, INPUT_SPECS["digits"].std) == ((DIGITS_MEAN,), (DIGITS_STD,))
+    spec = INPUT_SPECS["digits"]
+    assert (spec.mean, spec.std) == ((DIGITS_MEAN,), (DIGITS_STD,))
     # Standardised with the training split's statistics.
     assert abs(float(train.x.mean())) < 0.01 and abs(float(train.x.std()) - 1.0) < 0.01
 
