@@ -77,11 +77,13 @@ class FrozenNet(nn.Module):
     - ``prior`` (float64, 10): a fixed parameter added to the logits, ``requires_grad=False``;
     - ``counts`` (int32, (3,)): [steps, examples, 7] counted in training mode;
     - ``input_mean`` (float32, 0-d): an EMA of the batch means, updated in training mode;
-    - ``version`` (float64, 0-d): a constant nobody changes.
+    - ``input_std`` (float16, 0-d): an EMA of the batch standard deviations, likewise;
+    - ``version`` (float64, 0-d) and ``flags`` (bool, (2,)): constants nobody changes.
     """
 
     counts: torch.Tensor
     input_mean: torch.Tensor
+    input_std: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,13 +94,16 @@ class FrozenNet(nn.Module):
         self.fc = nn.Linear(8 * 4 * 4, 10)
         self.register_buffer("counts", torch.tensor([0, 0, 7], dtype=torch.int32))
         self.register_buffer("input_mean", torch.tensor(0.0))
+        self.register_buffer("input_std", torch.tensor(0.0, dtype=torch.float16))
         self.register_buffer("version", torch.tensor(0.1, dtype=torch.float64))
+        self.register_buffer("flags", torch.tensor([True, False]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
                 self.counts += torch.tensor([1, x.shape[0], 0], dtype=torch.int32)
                 self.input_mean.mul_(0.9).add_(0.1 * x.mean())
+                self.input_std.mul_(0.9).add_(0.1 * x.std().half())
         x = F.max_pool2d(F.relu(self.stem(x)), 2).flatten(1)
         logits: torch.Tensor = self.fc(x)
         return logits + self.prior.to(x.dtype)
@@ -363,7 +368,9 @@ def test_the_layout_leaves_frozen_parameters_out_of_the_cmd_weights() -> None:
         "prior": ((10,), torch.float64),
         "counts": ((3,), torch.int32),
         "input_mean": ((), torch.float32),
+        "input_std": ((), torch.float16),
         "version": ((), torch.float64),
+        "flags": ((2,), torch.bool),
     }
 
 
@@ -383,7 +390,7 @@ def test_frozen_parameters_keep_their_value_bitwise_and_odd_buffers_average(
     for server_round in range(1, ROUNDS + 1):
         # ... what never changes stays bitwise what it was: on every node and on the server
         sent = [sent_extras(run, e) for e in run.exchanges(server_round)]
-        for name in ("stem.weight", "stem.bias", "prior", "version"):
+        for name in ("stem.weight", "stem.bias", "prior", "version", "flags"):
             initial = run.initial[name].numpy()
             for values in sent:
                 assert values[name].tobytes() == initial.tobytes(), (server_round, name)
@@ -401,11 +408,12 @@ def test_frozen_parameters_keep_their_value_bitwise_and_odd_buffers_average(
             122 * server_round,
             7,
         ]
-        # ... and the 0-d EMA is the weighted mean of the nodes' EMAs
-        means = np.array([float(s["input_mean"]) for s in sent])
-        assert len(set(means)) == len(SIZES)
-        np.testing.assert_allclose(
-            run.after[server_round]["input_mean"], weights @ means / weights.sum(), rtol=1e-6
-        )
+        # ... and the 0-d EMAs are the weighted means of the nodes' EMAs
+        for name, rtol in (("input_mean", 1e-6), ("input_std", 1e-3)):
+            means = np.array([float(s[name]) for s in sent])
+            assert len(set(means)) == len(SIZES), name
+            np.testing.assert_allclose(
+                run.after[server_round][name], weights @ means / weights.sum(), rtol=rtol
+            )
     # ... the trainable layer did train
     assert not np.array_equal(run.after[ROUNDS]["fc.weight"], run.initial["fc.weight"].numpy())
