@@ -13,8 +13,9 @@ def weighted_average(
 ) -> list[np.ndarray]:
     """Average lists of arrays, one list per client, weighted by ``weights``.
 
-    Sums run in float64; each result gets back its input's dtype (integers rounded), so integer
-    buffers such as BatchNorm's ``num_batches_tracked`` stay integers. Clients are summed in an
+    Sums run in float64; each result gets back its input's dtype (integers and booleans
+    rounded), so integer buffers such as BatchNorm's ``num_batches_tracked`` stay integers. An
+    array every client sent bitwise alike is returned bitwise as it is. Clients are summed in an
     order fixed by their content, not by the order their replies arrived in: floating-point
     sums depend on the order, and a last-bit difference grows over rounds, so a run with the
     same seed would not repeat.
@@ -38,13 +39,30 @@ def weighted_average(
     factors = [float(weights[c]) / total for c in order]
     out: list[np.ndarray] = []
     for k, first in enumerate(arrays[0]):
+        if all(_bitwise_equal(first, client[k]) for client in arrays[1:]):
+            # Every client sent the same values (a frozen parameter, a constant buffer): keep
+            # them bitwise. The float64 sum of x * w_c / W is not exactly x, and a float64 (or
+            # int64 beyond 2**53) tensor would drift in its last bits every round.
+            out.append(np.array(first, copy=True))
+            continue
         acc = np.zeros(first.shape, dtype=np.float64)
         for client, factor in zip(arrays, factors, strict=True):
             acc += client[k].astype(np.float64, copy=False) * factor
-        if np.issubdtype(first.dtype, np.integer):
+        if first.dtype.kind in "biu":
+            # Integers are rounded, not truncated toward zero; booleans too (a weighted
+            # majority), where a plain cast would make any True win.
             np.rint(acc, out=acc)  # in place: np.rint of a 0-d array returns a numpy scalar
         out.append(np.asarray(acc.astype(first.dtype)).reshape(first.shape))
     return out
+
+
+def _bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same dtype, shape and bytes (unlike ``==``: NaN equals NaN, 0.0 differs from -0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return np.array_equal(
+        np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)
+    )
 
 
 def _content_key(arrays: Sequence[np.ndarray], weight: float) -> bytes:

@@ -64,3 +64,33 @@ def test_zero_d_buffers_stay_arrays_of_their_dtype() -> None:
     assert all(isinstance(a, np.ndarray) and a.shape == () for a in averaged)
     assert averaged[0].dtype == np.int64 and int(averaged[0]) == 4  # rint(3.75)
     assert averaged[1].dtype == np.float32 and float(averaged[1]) == 2.25
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, np.int64])
+def test_values_every_client_sent_alike_come_back_bitwise(dtype: type) -> None:
+    # A frozen parameter or a constant buffer: sum(x * w_c / W) in float64 is not exactly x
+    rng = np.random.default_rng(5)
+    same: np.ndarray
+    if np.issubdtype(dtype, np.integer):
+        same = rng.integers(2**60, 2**62, size=64).astype(dtype)  # beyond float64's 2**53
+    else:
+        same = rng.standard_normal(64).astype(dtype)
+    for seed in range(20):
+        weights = [float(w) for w in np.random.default_rng(seed).integers(1, 500, size=3)]
+        clients = [[same.copy(), rng.standard_normal(4)] for _ in weights]
+        kept, mixed = weighted_average(clients, weights)
+        assert kept.dtype == same.dtype and kept.tobytes() == same.tobytes()
+        assert kept is not clients[0][0]  # a copy: the caller may write into it
+        expected = np.average(np.stack([c[1] for c in clients]), axis=0, weights=weights)
+        np.testing.assert_allclose(mixed, expected, rtol=1e-12)
+
+
+def test_boolean_buffers_are_a_weighted_majority() -> None:
+    clients = [
+        [np.array([True, True, False, False])],
+        [np.array([True, False, True, False])],
+        [np.array([False, False, False, True])],
+    ]
+    (averaged,) = weighted_average(clients, [1.0, 1.0, 3.0])
+    assert averaged.dtype == np.bool_
+    assert averaged.tolist() == [False, False, False, True]
