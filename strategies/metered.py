@@ -3,7 +3,9 @@ of every cmd-fl strategy."""
 
 from __future__ import annotations
 
+import io
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from flwr.app import (
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
 
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger, LedgerRow
@@ -353,18 +355,28 @@ class MeteredFedAvg(FedAvg):
         Parameters are those of ``Strategy.start``, plus ``first_round`` (a resumed run starts
         after its checkpoint's round; ``initial_arrays`` is then the checkpoint's model) and
         ``after_round``, called with the round and the global model once a round is complete
-        (the checkpoint hook).
+        (the checkpoint hook). Logs what Flower's own strategies log (start summary, per-round
+        aggregated metrics, the final `Result`) and, per round, the bytes of the ledger.
         """
+        logger.info("Starting %s strategy:", type(self).__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        if first_round > 1:
+            logger.info("\t└──> Resumed: rounds %d..%d", first_round, num_rounds)
+        logger.info("")
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result = Result()
+        started = time.time()
         arrays = initial_arrays
         result.arrays = arrays
         if evaluate_fn is not None and first_round == 1:
             initial = evaluate_fn(0, arrays)
+            logger.info("Initial global evaluation results: %s", initial)
             if initial is not None:
                 result.evaluate_metrics_serverapp[0] = initial
         for server_round in range(first_round, num_rounds + 1):
+            logger.info("")
             logger.info("[ROUND %d/%d]", server_round, num_rounds)
             replies = grid.send_and_receive(
                 messages=self.configure_train(server_round, arrays, train_config, grid),
@@ -375,6 +387,7 @@ class MeteredFedAvg(FedAvg):
                 arrays = new_arrays
                 result.arrays = arrays
             if train_metrics is not None:
+                logger.info("\t└──> Aggregated MetricRecord: %s", train_metrics)
                 result.train_metrics_clientapp[server_round] = train_metrics
             evaluate_messages = list(
                 self.configure_evaluate(server_round, arrays, evaluate_config, grid)
@@ -384,14 +397,37 @@ class MeteredFedAvg(FedAvg):
                     server_round, grid.send_and_receive(evaluate_messages, timeout=timeout)
                 )
                 if evaluate_metrics is not None:
+                    logger.info("\t└──> Aggregated MetricRecord: %s", evaluate_metrics)
                     result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
+            self._log_round_bytes(server_round)
             if evaluate_fn is not None:
+                logger.info("Global evaluation")
                 server_metrics = evaluate_fn(server_round, arrays)
+                logger.info("\t└──> MetricRecord: %s", server_metrics)
                 if server_metrics is not None:
                     result.evaluate_metrics_serverapp[server_round] = server_metrics
             if after_round is not None:
                 after_round(server_round, arrays)
+        logger.info("")
+        logger.info("Strategy execution finished in %.2fs", time.time() - started)
+        logger.info("")
+        logger.info("Final results:")
+        logger.info("")
+        for line in io.StringIO(str(result)):
+            logger.info("\t%s", line.rstrip("\n"))
+        logger.info("")
         return result
+
+    def _log_round_bytes(self, server_round: int) -> None:
+        """One line: the round's wire bytes per direction and the run's total so far."""
+        round_bytes = self.ledger.round_totals(server_round)
+        logger.info(
+            "\t└──> Bytes (wire): %.3f MB down, %.3f MB up in round %d; %.3f MB in all",
+            round_bytes["bytes_down"] / 1e6,
+            round_bytes["bytes_up"] / 1e6,
+            server_round,
+            self.ledger.total_bytes() / 1e6,
+        )
 
     # --- checkpoints --------------------------------------------------------------------------
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -329,6 +329,9 @@ def test_frozen_entries_are_reset_after_every_optimizer_step() -> None:
     # Prepare: momentum and weight decay would move every entry; half are frozen.
     torch.manual_seed(0)
     model = build_model("digits", seed=0)
+    with torch.no_grad():  # no entry at exactly 0 (zero biases would not move under decay)
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
     layout = ParameterLayout.from_module(model)
     synced = layout.flatten_numpy(model.state_dict()).copy()
     frozen = np.random.default_rng(0).random(layout.n_weights) < 0.5
