@@ -45,6 +45,7 @@ from flwr.app.message.message import make_message
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from cmd_fl.ledger import ByteLedger
+from simulations.data import DIGITS_MEAN, DIGITS_STD
 from simulations.federation import client_dataset
 from simulations.settings import RunSettings
 
@@ -370,7 +371,8 @@ def node_1_data(path: Path) -> None:
     """
     settings = RunSettings.from_run_config({"dataset": "digits", "num-partitions": 2})
     part = client_dataset(settings, 1, 2)
-    np.savez(path, x=part.x.numpy()[:, 0], y=part.y.numpy())  # (N, H, W) float in [0, 1]
+    intensities = part.x.numpy()[:, 0] * DIGITS_STD + DIGITS_MEAN  # (N, H, W) float in [0, 1]
+    np.savez(path, x=intensities, y=part.y.numpy())
 
 
 @pytest.fixture(scope="module")
