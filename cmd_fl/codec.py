@@ -162,13 +162,13 @@ def encode(vector: np.ndarray, spec: CodecSpec) -> np.ndarray:
         parts.append(np.clip(x, -_FP16_MAX, _FP16_MAX).astype("<f2").tobytes())
     elif spec.name == "int8":
         block, n_blocks = spec.int8_blocks(n)
-        rows = np.zeros(n_blocks * block, dtype=np.float32)
-        rows[:n] = x
-        rows = rows.reshape(n_blocks, block)
+        padded = np.zeros(n_blocks * block, dtype=np.float32)
+        padded[:n] = x
+        rows = padded.reshape(n_blocks, block)
         scales = np.abs(rows).max(axis=1, initial=np.float32(0)) / np.float32(127)
-        q = np.zeros_like(rows)
-        np.divide(rows, scales[:, None], out=q, where=scales[:, None] > 0)
-        q = np.clip(np.rint(q), -127, 127).astype(np.int8).reshape(-1)[:n]
+        ratio = np.zeros_like(rows)
+        np.divide(rows, scales[:, None], out=ratio, where=scales[:, None] > 0)
+        q = np.clip(np.rint(ratio), -127, 127).astype(np.int8).reshape(-1)[:n]
         parts += [_INT8_HEADER.pack(block, n_blocks), scales.astype("<f4").tobytes(), q.tobytes()]
     else:
         indices = _top_k_indices(x, spec.topk_k(n))
