@@ -11,6 +11,7 @@ Timings are wall-clock medians; other processes on the machine slow them down.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     epoch_s = time_epoch(images, defaults.batch_size, defaults.learning_rate, args.seed)
     print(
         f"vector: {n:,} float32; one local epoch ({images} images, batch "
-        f"{defaults.batch_size}, {torch.get_num_threads()} torch threads): {epoch_s:.3f} s",
+        f"{defaults.batch_size}, {torch.get_num_threads()} torch threads): {epoch_s:.3f} s; "
+        f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
 
