@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from cmd_fl.coded import CODED_UPDATE, CodedUpdate, codec_from_config, encode_update
 from cmd_fl.embedding import EmbeddingState
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.payload import (
@@ -115,30 +116,41 @@ class CMDClient:
         if CMD_MODEL in content.array_records:
             reply = self._train_cmd(content, context)
         elif DENSE_MODEL in content.array_records:
-            reply = self._train_dense(content)
+            reply = self._train_dense(content, context)
         else:
             raise ValueError(
                 f"training message carries neither {DENSE_MODEL!r} nor {CMD_MODEL!r} arrays"
             )
         return Message(reply, reply_to=msg)
 
-    def _train_dense(self, content: RecordDict) -> RecordDict:
+    def _train_dense(self, content: RecordDict, context: Context) -> RecordDict:
         arrays = content.array_records[DENSE_MODEL]
         self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         checksum = state_checksum(self.layout, self.model.state_dict())
+        codec = codec_from_config(content.config_records[CONFIG])
+        received = self.layout.flatten_numpy(self.model.state_dict()) if codec else None
         metrics = dict(self.train_fn(self.model, None))
         metrics[MODEL_CHECKSUM] = checksum
-        return RecordDict(
-            {
-                DENSE_MODEL: ArrayRecord(self.model.state_dict()),
-                METRICS: metric_record(metrics),
-            }
-        )
+        trained = self.model.state_dict()
+        if codec is None or received is None:
+            model_record = {DENSE_MODEL: ArrayRecord(trained)}
+        else:
+            blob = encode_update(
+                context.state,
+                self.state_key + ".residual",
+                codec,
+                received,
+                self.layout.flatten_numpy(trained),
+            )
+            extras = pack_tensors(self.layout.extra_tensors(trained))
+            model_record = {CODED_UPDATE: CodedUpdate(blob, extras).to_record()}
+        return RecordDict({**model_record, METRICS: metric_record(metrics)})
 
     def _train_cmd(self, content: RecordDict, context: Context) -> RecordDict:
         config = content.config_records[CONFIG]
         state = self._synced_state(content, context)
         checksum = self._load_cmd_model(content, state)
+        received = self.layout.flatten_numpy(self.model.state_dict())
 
         probe = bool(config.get(PROBE, 0))
         projector = None
@@ -163,6 +175,17 @@ class CMDClient:
         extras_blob = pack_tensors(self.layout.extra_tensors(trained))
         metrics[STATE_VERSION] = state.version
         metrics[MODEL_CHECKSUM] = checksum
+        codec = codec_from_config(config)
+        if codec is not None and not probe:  # probes send every value as it is
+            blob = encode_update(
+                context.state,
+                self.state_key + ".residual",
+                codec,
+                np.concatenate(state.split(received)),
+                np.concatenate([free, refs]),
+            )
+            model_record = CodedUpdate(blob, extras_blob).to_record()
+            return RecordDict({CODED_UPDATE: model_record, METRICS: metric_record(metrics)})
         return RecordDict(
             {
                 CMD_MODEL: CMDModel(free, refs, extras_blob, embedded).to_record(),

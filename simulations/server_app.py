@@ -58,6 +58,8 @@ def make_strategy(
         "min_valid_replies": settings.min_valid_replies,
         "max_num_examples": settings.max_num_examples or None,
     }
+    if settings.strategy != "apf":  # refused for APF by RunSettings
+        common["codec"] = settings.codec_spec()
     if settings.strategy == "fedavg":
         return MeteredFedAvg(layout, ledger, **common)
     if settings.strategy == "apf":

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from cmd_fl.codec import CODECS, CodecSpec
 from cmd_fl.embedding import SELECTION_RULES, EmbeddingSchedule
 from cmd_fl.torch_projection import REFERENCE_GRADIENTS
 from strategies.cmd_strategy import CMDOptions
@@ -64,6 +65,10 @@ class RunSettings:
     cmd_refresh_tolerance: float = 0.25
     cmd_refresh_refit: bool = True  # probes also re-fit b of the weights that stay embedded
     cmd_refresh_refill: bool = False  # events may embed others in released weights' place
+    codec: str = "none"  # uplink update codec: "none" | "fp16" | "int8" | "topk"
+    codec_block_size: int = 256  # int8: values per scale; 0 = one scale per vector
+    codec_topk_fraction: float = 0.1  # topk: share of the update's entries sent
+    codec_error_feedback: bool = True  # what a lossy codec did not send joins the next update
     validation_size: int = 1000  # server-side validation split, at most 10 % of the data; 0 = none
     min_valid_replies: int = 1
     round_timeout: float = 600.0  # seconds a round waits for replies; late ones are dropped
@@ -95,6 +100,13 @@ class RunSettings:
             (0.0 <= self.apf_alpha < 1.0, "apf-alpha must be in [0, 1)"),
             (self.apf_threshold > 0, "apf-threshold must be > 0"),
             (self.validation_size >= 0, "validation-size must be >= 0"),
+            (self.codec in CODECS, f"codec must be one of {CODECS}"),
+            (
+                self.codec == "none" or self.strategy != "apf",
+                "codec is not supported with strategy 'apf' yet (fedavg and cmd take any codec)",
+            ),
+            (self.codec_block_size >= 0, "codec-block-size must be >= 0"),
+            (0.0 < self.codec_topk_fraction <= 1.0, "codec-topk-fraction must be in (0, 1]"),
             (
                 self.cmd_selection in SELECTION_RULES,
                 f"cmd-selection must be one of {SELECTION_RULES}",
@@ -141,6 +153,15 @@ class RunSettings:
             percent=self.cmd_embed_percent,
             relative=self.cmd_embed_relative,
             max_fraction=self.cmd_max_embedded,
+        )
+
+    def codec_spec(self) -> CodecSpec:
+        """The uplink codec of the run (``codec`` and its ``codec-*`` keys)."""
+        return CodecSpec(
+            name=self.codec,
+            block_size=self.codec_block_size,
+            topk_fraction=self.codec_topk_fraction,
+            error_feedback=self.codec_error_feedback,
         )
 
     def cmd_options(self) -> CMDOptions:

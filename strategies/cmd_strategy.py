@@ -11,6 +11,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from cmd_fl.checkpoint import prefixed, unprefixed
+from cmd_fl.coded import CODED_UPDATE, CodedUpdate
 from cmd_fl.embedding import (
     EmbeddingSchedule,
     EmbeddingSelector,
@@ -38,7 +39,7 @@ from cmd_fl.sync import EmbeddingHistory
 from cmd_fl.wire import pack_tensors, unpack_tensors
 from strategies.aggregation import weighted_average
 from strategies.flat_model import FlatModelStrategy
-from strategies.metered import ParsedReply, RejectedReply
+from strategies.metered import ParsedReply, RejectedReply, finite_extras
 
 logger = logging.getLogger("flwr.cmd_fl")
 
@@ -260,22 +261,22 @@ class CMDStrategy(FlatModelStrategy):
             raise RejectedReply(
                 f"trained with state version {version}, the round's is {self.state.version}"
             )
-        if set(content.array_records) != {CMD_MODEL}:
-            raise RejectedReply(
-                f"array records {sorted(content.array_records)}, expected cmd-model"
-            )
         probe = server_round in self._probe_rounds
-        model = CMDModel.from_record(
-            content.array_records[CMD_MODEL],
-            self.state.free_indices.size,
-            self.state.n_modes,
-            self._extras_bytes,
-            n_embedded=self.state.n_embedded if probe else None,
-        )
-        extras = unpack_tensors(model.extras, self._extras_specs)
-        for value in extras:
-            if value.dtype.kind in "fc" and not np.isfinite(value).all():
-                raise RejectedReply("extras hold NaN or Inf")
+        if self.codec is not None and not probe:  # probes send every value as it is
+            model = self._coded_cmd_model(content)
+        else:
+            if set(content.array_records) != {CMD_MODEL}:
+                raise RejectedReply(
+                    f"array records {sorted(content.array_records)}, expected cmd-model"
+                )
+            model = CMDModel.from_record(
+                content.array_records[CMD_MODEL],
+                self.state.free_indices.size,
+                self.state.n_modes,
+                self._extras_bytes,
+                n_embedded=self.state.n_embedded if probe else None,
+            )
+        extras = finite_extras(unpack_tensors(model.extras, self._extras_specs))
         probed = [] if model.embedded is None else [model.embedded]
         return ParsedReply(
             reply.metadata.src_node_id,
@@ -283,6 +284,18 @@ class CMDStrategy(FlatModelStrategy):
             [model.free, model.references, *probed, *extras],
             metrics,
         )
+
+    def _coded_cmd_model(self, content: RecordDict) -> CMDModel:
+        """A coded CMD reply as the model it stands for: sent free + references plus the update."""
+        assert self.state is not None and self.global_flat is not None and self.codec
+        if set(content.array_records) != {CODED_UPDATE}:
+            raise RejectedReply(
+                f"array records {sorted(content.array_records)}, expected {CODED_UPDATE}"
+            )
+        coded = CodedUpdate.from_record(content.array_records[CODED_UPDATE], self._extras_bytes)
+        values = coded.values(self.codec, np.concatenate(self.state.split(self.global_flat)))
+        n_free = self.state.free_indices.size
+        return CMDModel(values[:n_free], values[n_free:], coded.extras)
 
     def aggregate_replies(self, server_round: int, replies: list[ParsedReply]) -> ArrayRecord:
         """Average; in the CMD phase rebuild the full model from the averaged parts."""

@@ -26,6 +26,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
 
+from cmd_fl.codec import CodecSpec
+from cmd_fl.coded import CODED_UPDATE, CodedUpdate, codec_config
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger, LedgerRow
 from cmd_fl.payload import (
@@ -35,9 +37,10 @@ from cmd_fl.payload import (
     MODEL_CHECKSUM,
     NUM_EXAMPLES,
     SERVER_ROUND,
+    extras_nbytes,
     state_checksum,
 )
-from cmd_fl.wire import WireFormatError, from_array_record
+from cmd_fl.wire import WireFormatError, from_array_record, unpack_tensors
 from strategies.aggregation import weighted_average
 
 logger = logging.getLogger("flwr.cmd_fl")
@@ -58,6 +61,14 @@ class ParsedReply:
     num_examples: float
     arrays: list[np.ndarray]
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def finite_extras(extras: list[np.ndarray]) -> list[np.ndarray]:
+    """The unpacked extras of a reply, refused if a float one holds NaN or Inf."""
+    for value in extras:
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            raise RejectedReply("extras hold NaN or Inf")
+    return extras
 
 
 class MeteredFedAvg(FedAvg):
@@ -89,6 +100,9 @@ class MeteredFedAvg(FedAvg):
         Fewest valid replies to update the model. Default 1.
     max_num_examples : int or None
         Replies claiming more examples are rejected. Default None (no bound).
+    codec : CodecSpec or None
+        Codec of the training replies' updates (`cmd_fl.codec`); None or ``none``: replies
+        carry the model as it is. Only the uplink is coded; the downlink is float32.
     max_abs_value : float
         Replies holding a float of larger magnitude are rejected (finite but absurd values
         would wreck the average). Default 1e6.
@@ -112,6 +126,7 @@ class MeteredFedAvg(FedAvg):
         min_valid_replies: int = 1,
         max_num_examples: int | None = None,
         max_abs_value: float = 1e6,
+        codec: CodecSpec | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -132,6 +147,8 @@ class MeteredFedAvg(FedAvg):
         self._instructions: dict[int, list[Message]] = {}
         self._reply_bound: dict[int, int] = {}
         self.sent_checksums: dict[int, int] = {}
+        self.codec = codec if codec is not None and codec.name != "none" else None
+        self._sent_flat: np.ndarray | None = None  # the flat model sent (coded replies' base)
 
     # --- sampling and sending -----------------------------------------------------------------
     def sample_train_nodes(self, grid: Grid) -> list[int]:
@@ -155,6 +172,9 @@ class MeteredFedAvg(FedAvg):
         # config is written (Flower passes the same ConfigRecord every round).
         config = ConfigRecord(dict(config.items()))
         config[SERVER_ROUND] = server_round
+        if self.codec is not None:
+            for key, value in codec_config(self.codec).items():
+                config[key] = value
         messages = self.train_messages(server_round, arrays, config, node_ids)
         largest = 0
         for message in messages:
@@ -175,9 +195,9 @@ class MeteredFedAvg(FedAvg):
     ) -> list[Message]:
         """Dense FedAvg messages: the whole model to every node."""
         self._global = arrays
-        self.sent_checksums[server_round] = state_checksum(
-            self.layout, {key: arr.numpy() for key, arr in arrays.items()}
-        )
+        sent = {key: arr.numpy() for key, arr in arrays.items()}
+        self.sent_checksums[server_round] = state_checksum(self.layout, sent)
+        self._sent_flat = self.layout.flatten_numpy(sent) if self.codec is not None else None
         content = RecordDict({DENSE_MODEL: arrays, CONFIG: config})
         return [
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
@@ -282,6 +302,8 @@ class MeteredFedAvg(FedAvg):
         metrics = self.reply_metrics(server_round, content)
         if self._global is None:
             raise RejectedReply("no model was sent this round")
+        if self.codec is not None:
+            return self._parse_coded_dense(reply, content, metrics)
         expected = {
             key: (arr.numpy().dtype, int(np.prod(arr.shape, dtype=np.int64)))
             for key, arr in self._global.items()
@@ -294,6 +316,22 @@ class MeteredFedAvg(FedAvg):
             if tuple(parts[key].shape) != tuple(arr.shape):
                 raise RejectedReply(f"array {key!r} has shape {parts[key].shape}")
             arrays.append(parts[key])
+        return ParsedReply(reply.metadata.src_node_id, metrics.pop(NUM_EXAMPLES), arrays, metrics)
+
+    def _parse_coded_dense(
+        self, reply: Message, content: RecordDict, metrics: dict[str, float]
+    ) -> ParsedReply:
+        """A coded dense reply: the sent model plus the decoded update, extras as sent."""
+        assert self._global is not None and self._sent_flat is not None and self.codec
+        if set(content.array_records) != {CODED_UPDATE}:
+            raise RejectedReply(
+                f"array records {sorted(content.array_records)}, expected {CODED_UPDATE}"
+            )
+        specs = self.layout.extra_specs()
+        coded = CodedUpdate.from_record(content.array_records[CODED_UPDATE], extras_nbytes(specs))
+        extras = finite_extras(unpack_tensors(coded.extras, specs))
+        state = self.layout.state_dict(coded.values(self.codec, self._sent_flat), extras)
+        arrays = [state[key].numpy() for key in self._global.keys()]
         return ParsedReply(reply.metadata.src_node_id, metrics.pop(NUM_EXAMPLES), arrays, metrics)
 
     def reply_content(self, reply: Message) -> RecordDict:

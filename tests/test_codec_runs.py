@@ -1,0 +1,142 @@
+"""Coded uplink through the real apps: FedAvg and CMD replies carry codec blobs of their updates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+from cmd_fl.codec import CodecSpec, decode, encode
+from cmd_fl.coded import CODED_UPDATE, CodedUpdate, encode_update
+from cmd_fl.payload import CMD_MODEL, DENSE_MODEL, NUM_EXAMPLES
+from simulations.settings import RunSettings
+from tests.test_flower_apps import WARMUP, simulate
+
+
+def _uplink_bytes(outcome) -> int:  # type: ignore[no-untyped-def]
+    return int(outcome.summary["total_bytes_up"])
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "cmd"])
+def test_int8_replies_are_coded_smaller_and_the_model_still_learns(
+    tmp_path: Path, strategy: str
+) -> None:
+    plain, _ = simulate(tmp_path / "plain", strategy=strategy)
+    coded, grid = simulate(tmp_path / "int8", strategy=strategy, codec="int8")
+
+    assert coded.summary["rejected_replies"]["total"] == 0
+    kinds = {tuple(e.reply.content.array_records) for e in grid.exchanges}
+    assert kinds == {(CODED_UPDATE,)}  # every training reply, warm-up included
+    # int8 sends about a quarter of float32's bytes up; the downlink is unchanged.
+    assert _uplink_bytes(coded) < 0.45 * _uplink_bytes(plain)
+    assert coded.summary["total_bytes_down"] == pytest.approx(
+        plain.summary["total_bytes_down"], rel=0.01
+    )
+    assert coded.summary["final_accuracy"] > plain.summary["final_accuracy"] - 0.05
+    assert coded.summary["final_accuracy"] > 0.8
+
+
+def test_the_server_averages_exactly_what_the_blobs_decode_to(tmp_path: Path) -> None:
+    outcome, grid = simulate(tmp_path, strategy="fedavg", codec="topk", num_server_rounds=2)
+    layout = outcome.strategy.layout
+    spec = RunSettings(codec="topk").codec_spec()
+    round_1 = [e for e in grid.exchanges if e.server_round == 1]
+    sent = layout.flatten_numpy(
+        {k: a.numpy() for k, a in round_1[0].instruction.content.array_records[DENSE_MODEL].items()}
+    )
+    trained, weights = [], []
+    for exchange in round_1:
+        coded = CodedUpdate.from_record(exchange.reply.content.array_records[CODED_UPDATE], 0)
+        trained.append(sent + decode(coded.update, spec, sent.size))
+        weights.append(float(exchange.reply.content.metric_records["metrics"][NUM_EXAMPLES]))
+    expected = np.average(np.stack(trained).astype(np.float64), axis=0, weights=weights)
+
+    round_2 = next(e for e in grid.exchanges if e.server_round == 2)
+    model_2 = round_2.instruction.content.array_records[DENSE_MODEL]
+    got = layout.flatten_numpy({k: a.numpy() for k, a in model_2.items()})
+    np.testing.assert_allclose(got, expected.astype(np.float32), rtol=0, atol=1e-6)
+    # topk at 10 %: most of each round-1 update never reached the server.
+    assert np.mean(trained[0] == sent) > 0.85
+
+
+def test_error_feedback_carries_what_was_not_sent_into_the_next_update() -> None:
+    spec = CodecSpec("topk", topk_fraction=0.25)
+    store = RecordDict()
+    received = np.zeros(8, np.float32)
+    first = np.array([8, 7, 6, 5, 4, 3, 2, 1], np.float32)
+    blob_1 = encode_update(store, "node", spec, received, first)
+    np.testing.assert_array_equal(decode(blob_1, spec, 8), [8, 7, 0, 0, 0, 0, 0, 0])
+    # The second update is small, but the residual (6, 5, 4, ...) makes 6 and 5 go next.
+    second = np.full(8, 0.5, np.float32)
+    blob_2 = encode_update(store, "node", spec, received, second)
+    np.testing.assert_array_equal(decode(blob_2, spec, 8), [0, 0, 6.5, 5.5, 0, 0, 0, 0])
+    residual = store.array_records["node"]["residual"].numpy()
+    np.testing.assert_array_equal(residual, [0.5, 0.5, 0, 0, 4.5, 3.5, 2.5, 1.5])
+    # Without error feedback nothing is carried.
+    plain = RecordDict()
+    off = CodecSpec("topk", topk_fraction=0.25, error_feedback=False)
+    encode_update(plain, "node", off, received, first)
+    blob = encode_update(plain, "node", off, received, second)
+    np.testing.assert_array_equal(decode(blob, off, 8), [0.5, 0.5, 0, 0, 0, 0, 0, 0])
+
+
+def _corrupt_blob(kind: str):  # type: ignore[no-untyped-def]
+    def tamper(node: int, server_round: int, reply: Message) -> Message:
+        if node != 1000 or server_round != WARMUP + 2:
+            return reply
+        record = reply.content.array_records[CODED_UPDATE]
+        blob = record["update"].numpy().copy()
+        if kind == "truncated":
+            blob = blob[:-3]
+        elif kind == "wrong-codec":
+            spec = RunSettings(codec="fp16").codec_spec()
+            length = int.from_bytes(blob[2:6].tobytes(), "little")
+            blob = encode(np.zeros(length, np.float32), spec)
+        elif kind == "nan-scale":
+            blob[14:18] = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
+        reply.content.array_records[CODED_UPDATE] = ArrayRecord({"update": Array(blob)})
+        return reply
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("truncated", "blob"), ("wrong-codec", "codec"), ("nan-scale", "scale")],
+)
+def test_a_malformed_coded_reply_is_dropped_and_leaves_no_trace(
+    tmp_path: Path, kind: str, reason: str
+) -> None:
+    corrupted, _ = simulate(
+        tmp_path / "bad", tamper=_corrupt_blob(kind), codec="int8", num_server_rounds=5
+    )
+    dropped, _ = simulate(
+        tmp_path / "dropped",
+        failure=lambda node, r: node == 1000 and r == WARMUP + 2,
+        codec="int8",
+        num_server_rounds=5,
+    )
+    rejections = corrupted.summary["rejected_replies"]["replies"]
+    assert [(r["round"], r["node_id"]) for r in rejections] == [(WARMUP + 2, 1000)]
+    assert reason in rejections[0]["reason"].lower()
+    for key in dropped.final_arrays:
+        np.testing.assert_array_equal(
+            corrupted.final_arrays[key].numpy(), dropped.final_arrays[key].numpy()
+        )
+
+
+def test_probe_rounds_and_uncoded_runs_send_the_model_as_it_is(tmp_path: Path) -> None:
+    _, grid = simulate(tmp_path, strategy="cmd", num_server_rounds=4)
+    kinds = {tuple(e.reply.content.array_records) for e in grid.exchanges}
+    assert kinds == {(DENSE_MODEL,), (CMD_MODEL,)}
+
+
+def test_codec_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="codec must be one of"):
+        RunSettings(codec="int4")
+    with pytest.raises(ValueError, match="not supported with strategy 'apf'"):
+        RunSettings(strategy="apf", codec="int8")
+    with pytest.raises(ValueError, match="codec-topk-fraction"):
+        RunSettings(codec="topk", codec_topk_fraction=0.0)
