@@ -50,7 +50,8 @@ def test_the_server_averages_exactly_what_the_blobs_decode_to(tmp_path: Path) ->
     for exchange in round_1:
         coded = CodedUpdate.from_record(exchange.reply.content.array_records[CODED_UPDATE], 0)
         trained.append(sent + decode(coded.update, spec, sent.size))
-        weights.append(float(exchange.reply.content.metric_records["metrics"][NUM_EXAMPLES]))
+        metrics = exchange.reply.content.metric_records["metrics"]
+        weights.append(float(metrics[NUM_EXAMPLES]))  # type: ignore[arg-type]
     expected = np.average(np.stack(trained).astype(np.float64), axis=0, weights=weights)
 
     round_2 = next(e for e in grid.exchanges if e.server_round == 2)
