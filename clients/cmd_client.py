@@ -29,7 +29,6 @@ from cmd_fl.payload import (
     load_state,
     model_checksum,
     save_state,
-    state_checksum,
 )
 from cmd_fl.sync import apply_delta
 from cmd_fl.torch_projection import EmbeddedProjector
@@ -126,13 +125,14 @@ class CMDClient:
     def _train_dense(self, content: RecordDict, context: Context) -> RecordDict:
         arrays = content.array_records[DENSE_MODEL]
         self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        checksum = state_checksum(self.layout, self.model.state_dict())
+        loaded = self.model.state_dict()
+        received = self.layout.flatten_numpy(loaded)
+        checksum = model_checksum(received, pack_tensors(self.layout.extra_tensors(loaded)))
         codec = codec_from_config(content.config_records[CONFIG])
-        received = self.layout.flatten_numpy(self.model.state_dict()) if codec else None
         metrics = dict(self.train_fn(self.model, None))
         metrics[MODEL_CHECKSUM] = checksum
         trained = self.model.state_dict()
-        if codec is None or received is None:
+        if codec is None:
             model_record = {DENSE_MODEL: ArrayRecord(trained)}
         else:
             blob = encode_update(
@@ -149,8 +149,7 @@ class CMDClient:
     def _train_cmd(self, content: RecordDict, context: Context) -> RecordDict:
         config = content.config_records[CONFIG]
         state = self._synced_state(content, context)
-        checksum = self._load_cmd_model(content, state)
-        received = self.layout.flatten_numpy(self.model.state_dict())
+        received, checksum = self._load_cmd_model(content, state)
 
         probe = bool(config.get(PROBE, 0))
         projector = None
@@ -181,7 +180,7 @@ class CMDClient:
                 context.state,
                 self.state_key + ".residual",
                 codec,
-                np.concatenate(state.split(received)),
+                np.concatenate([received.free, received.references]),
                 np.concatenate([free, refs]),
             )
             model_record = CodedUpdate(blob, extras_blob).to_record()
@@ -193,8 +192,8 @@ class CMDClient:
             }
         )
 
-    def _load_cmd_model(self, content: RecordDict, state: EmbeddingState) -> int:
-        """Load the CMD message's model (embedded weights rebuilt); returns its checksum."""
+    def _load_cmd_model(self, content: RecordDict, state: EmbeddingState) -> tuple[CMDModel, int]:
+        """Load the CMD message's model (embedded weights rebuilt); returns it and its checksum."""
         model = CMDModel.from_record(
             content.array_records[CMD_MODEL],
             state.free_indices.size,
@@ -204,7 +203,7 @@ class CMDClient:
         flat = state.assemble(model.free, model.references)
         extras = unpack_tensors(model.extras, self._extras_specs)
         self.layout.load_into(self.model, flat, extras)
-        return model_checksum(flat, model.extras)
+        return model, model_checksum(flat, model.extras)
 
     def _check_on_model(
         self,

@@ -39,7 +39,7 @@ from cmd_fl.sync import EmbeddingHistory
 from cmd_fl.wire import pack_tensors, unpack_tensors
 from strategies.aggregation import weighted_average
 from strategies.flat_model import FlatModelStrategy
-from strategies.metered import ParsedReply, RejectedReply, finite_extras
+from strategies.metered import ParsedReply, RejectedReply, finite_extras, only_record
 
 logger = logging.getLogger("flwr.cmd_fl")
 
@@ -265,12 +265,8 @@ class CMDStrategy(FlatModelStrategy):
         if self.codec is not None and not probe:  # probes send every value as it is
             model = self._coded_cmd_model(content)
         else:
-            if set(content.array_records) != {CMD_MODEL}:
-                raise RejectedReply(
-                    f"array records {sorted(content.array_records)}, expected cmd-model"
-                )
             model = CMDModel.from_record(
-                content.array_records[CMD_MODEL],
+                only_record(content, CMD_MODEL),
                 self.state.free_indices.size,
                 self.state.n_modes,
                 self._extras_bytes,
@@ -288,11 +284,7 @@ class CMDStrategy(FlatModelStrategy):
     def _coded_cmd_model(self, content: RecordDict) -> CMDModel:
         """A coded CMD reply as the model it stands for: sent free + references plus the update."""
         assert self.state is not None and self.global_flat is not None and self.codec
-        if set(content.array_records) != {CODED_UPDATE}:
-            raise RejectedReply(
-                f"array records {sorted(content.array_records)}, expected {CODED_UPDATE}"
-            )
-        coded = CodedUpdate.from_record(content.array_records[CODED_UPDATE], self._extras_bytes)
+        coded = CodedUpdate.from_record(only_record(content, CODED_UPDATE), self._extras_bytes)
         values = coded.values(self.codec, np.concatenate(self.state.split(self.global_flat)))
         n_free = self.state.free_indices.size
         return CMDModel(values[:n_free], values[n_free:], coded.extras)

@@ -38,9 +38,9 @@ from cmd_fl.payload import (
     NUM_EXAMPLES,
     SERVER_ROUND,
     extras_nbytes,
-    state_checksum,
+    model_checksum,
 )
-from cmd_fl.wire import WireFormatError, from_array_record, unpack_tensors
+from cmd_fl.wire import WireFormatError, from_array_record, pack_tensors, unpack_tensors
 from strategies.aggregation import weighted_average
 
 logger = logging.getLogger("flwr.cmd_fl")
@@ -61,6 +61,13 @@ class ParsedReply:
     num_examples: float
     arrays: list[np.ndarray]
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def only_record(content: RecordDict, name: str) -> ArrayRecord:
+    """The reply's one array record, which must be ``name``."""
+    if set(content.array_records) != {name}:
+        raise RejectedReply(f"array records {sorted(content.array_records)}, expected {name}")
+    return content.array_records[name]
 
 
 def finite_extras(extras: list[np.ndarray]) -> list[np.ndarray]:
@@ -196,8 +203,9 @@ class MeteredFedAvg(FedAvg):
         """Dense FedAvg messages: the whole model to every node."""
         self._global = arrays
         sent = {key: arr.numpy() for key, arr in arrays.items()}
-        self.sent_checksums[server_round] = state_checksum(self.layout, sent)
-        self._sent_flat = self.layout.flatten_numpy(sent) if self.codec is not None else None
+        self._sent_flat = self.layout.flatten_numpy(sent)
+        extras = pack_tensors(self.layout.extra_tensors(sent))
+        self.sent_checksums[server_round] = model_checksum(self._sent_flat, extras)
         content = RecordDict({DENSE_MODEL: arrays, CONFIG: config})
         return [
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
@@ -308,9 +316,7 @@ class MeteredFedAvg(FedAvg):
             key: (arr.numpy().dtype, int(np.prod(arr.shape, dtype=np.int64)))
             for key, arr in self._global.items()
         }
-        if set(content.array_records) != {DENSE_MODEL}:
-            raise RejectedReply(f"array records {sorted(content.array_records)}, expected arrays")
-        parts = from_array_record(content.array_records[DENSE_MODEL], expected)
+        parts = from_array_record(only_record(content, DENSE_MODEL), expected)
         arrays = []
         for key, arr in self._global.items():
             if tuple(parts[key].shape) != tuple(arr.shape):
@@ -323,12 +329,8 @@ class MeteredFedAvg(FedAvg):
     ) -> ParsedReply:
         """A coded dense reply: the sent model plus the decoded update, extras as sent."""
         assert self._global is not None and self._sent_flat is not None and self.codec
-        if set(content.array_records) != {CODED_UPDATE}:
-            raise RejectedReply(
-                f"array records {sorted(content.array_records)}, expected {CODED_UPDATE}"
-            )
         specs = self.layout.extra_specs()
-        coded = CodedUpdate.from_record(content.array_records[CODED_UPDATE], extras_nbytes(specs))
+        coded = CodedUpdate.from_record(only_record(content, CODED_UPDATE), extras_nbytes(specs))
         extras = finite_extras(unpack_tensors(coded.extras, specs))
         state = self.layout.state_dict(coded.values(self.codec, self._sent_flat), extras)
         arrays = [state[key].numpy() for key in self._global.keys()]
