@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from cmd_fl.codec import CodecSpec
 from cmd_fl.coded import CODED_UPDATE, CodedUpdate, codec_from_config, encode_update
+from cmd_fl.downlink import CODED_CMD, CODED_DENSE, held_public, store_public
 from cmd_fl.embedding import EmbeddingState
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.payload import (
@@ -112,23 +114,35 @@ class CMDClient:
     def train(self, msg: Message, context: Context) -> Message:
         """Answer one training message (dense or CMD)."""
         content = msg.content
-        if CMD_MODEL in content.array_records:
+        records = content.array_records
+        if CMD_MODEL in records or CODED_CMD in records:
             reply = self._train_cmd(content, context)
-        elif DENSE_MODEL in content.array_records:
+        elif DENSE_MODEL in records or CODED_DENSE in records:
             reply = self._train_dense(content, context)
         else:
             raise ValueError(
-                f"training message carries neither {DENSE_MODEL!r} nor {CMD_MODEL!r} arrays"
+                f"training message carries none of {DENSE_MODEL!r}, {CMD_MODEL!r}, "
+                f"{CODED_DENSE!r}, {CODED_CMD!r} arrays"
             )
         return Message(reply, reply_to=msg)
 
     def _train_dense(self, content: RecordDict, context: Context) -> RecordDict:
-        arrays = content.array_records[DENSE_MODEL]
-        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        config = content.config_records[CONFIG]
+        codec = codec_from_config(config)
+        if CODED_DENSE in content.array_records:
+            coded, spec = self._coded_model(content, CODED_DENSE, codec)
+            base = held_public(context.state, self._public_key, config, self.layout.n_weights)
+            values = coded.values(spec, base)
+            self.layout.load_into(
+                self.model, values, unpack_tensors(coded.extras, self._extras_specs)
+            )
+        else:
+            arrays = content.array_records[DENSE_MODEL]
+            self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         loaded = self.model.state_dict()
         received = self.layout.flatten_numpy(loaded)
         checksum = model_checksum(received, pack_tensors(self.layout.extra_tensors(loaded)))
-        codec = codec_from_config(content.config_records[CONFIG])
+        store_public(context.state, self._public_key, config, received)
         metrics = dict(self.train_fn(self.model, None))
         metrics[MODEL_CHECKSUM] = checksum
         trained = self.model.state_dict()
@@ -149,7 +163,10 @@ class CMDClient:
     def _train_cmd(self, content: RecordDict, context: Context) -> RecordDict:
         config = content.config_records[CONFIG]
         state = self._synced_state(content, context)
-        received, checksum = self._load_cmd_model(content, state)
+        received = self._cmd_model(content, state, context)
+        flat = self._load_cmd_model(received, state)
+        checksum = model_checksum(flat, received.extras)
+        store_public(context.state, self._public_key, config, flat)
 
         probe = bool(config.get(PROBE, 0))
         projector = None
@@ -192,18 +209,46 @@ class CMDClient:
             }
         )
 
-    def _load_cmd_model(self, content: RecordDict, state: EmbeddingState) -> tuple[CMDModel, int]:
-        """Load the CMD message's model (embedded weights rebuilt); returns it and its checksum."""
-        model = CMDModel.from_record(
-            content.array_records[CMD_MODEL],
-            state.free_indices.size,
-            state.n_modes,
-            self._extras_bytes,
-        )
+    @property
+    def _public_key(self) -> str:
+        return self.state_key + ".public"
+
+    def _coded_model(
+        self, content: RecordDict, name: str, codec: CodecSpec | None
+    ) -> tuple[CodedUpdate, CodecSpec]:
+        """The coded model record ``name`` of a message, checked, and the codec it names."""
+        if codec is None:
+            raise ValueError(f"the message carries {name!r} but names no codec")
+        return CodedUpdate.from_record(content.array_records[name], self._extras_bytes), codec
+
+    def _cmd_model(
+        self, content: RecordDict, state: EmbeddingState, context: Context | None = None
+    ) -> CMDModel:
+        """The CMD message's model: as it is, or decoded against the public model this client
+        holds (split with the state after the message's delta, as the server split it)."""
+        if CODED_CMD not in content.array_records:
+            return CMDModel.from_record(
+                content.array_records[CMD_MODEL],
+                state.free_indices.size,
+                state.n_modes,
+                self._extras_bytes,
+            )
+        if context is None:
+            raise ValueError("a coded CMD message needs the node's context")
+        config = content.config_records[CONFIG]
+        codec = codec_from_config(config)
+        coded, spec = self._coded_model(content, CODED_CMD, codec)
+        held = held_public(context.state, self._public_key, config, self.layout.n_weights)
+        values = coded.values(spec, np.concatenate(state.split(held)))
+        n_free = state.free_indices.size
+        return CMDModel(values[:n_free], values[n_free:], coded.extras)
+
+    def _load_cmd_model(self, model: CMDModel, state: EmbeddingState) -> np.ndarray:
+        """Load a CMD model (embedded weights rebuilt) into the torch model; returns it flat."""
         flat = state.assemble(model.free, model.references)
         extras = unpack_tensors(model.extras, self._extras_specs)
         self.layout.load_into(self.model, flat, extras)
-        return model, model_checksum(flat, model.extras)
+        return flat
 
     def _check_on_model(
         self,
@@ -274,7 +319,8 @@ class CMDClient:
                     "a CMD evaluation message needs the node's context: "
                     "call CMDClient.evaluate(msg, evaluate_fn, context)"
                 )
-            self._load_cmd_model(content, self._synced_state(content, context, persist=False))
+            state = self._synced_state(content, context, persist=False)
+            self._load_cmd_model(self._cmd_model(content, state), state)
         elif DENSE_MODEL in content.array_records:
             self.model.load_state_dict(
                 content.array_records[DENSE_MODEL].to_torch_state_dict(), strict=True

@@ -60,6 +60,7 @@ def make_strategy(
     }
     if settings.strategy != "apf":  # refused for APF by RunSettings
         common["codec"] = settings.codec_spec()
+        common["code_downlink"] = settings.codec_downlink
     if settings.strategy == "fedavg":
         return MeteredFedAvg(layout, ledger, **common)
     if settings.strategy == "apf":

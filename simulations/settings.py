@@ -65,7 +65,8 @@ class RunSettings:
     cmd_refresh_tolerance: float = 0.25
     cmd_refresh_refit: bool = True  # probes also re-fit b of the weights that stay embedded
     cmd_refresh_refill: bool = False  # events may embed others in released weights' place
-    codec: str = "none"  # uplink update codec: "none" | "fp16" | "int8" | "topk"
+    codec: str = "none"  # update codec: "none" | "fp16" | "int8" | "topk"
+    codec_downlink: bool = True  # the codec also codes training messages (deltas vs clients' model)
     codec_block_size: int = 256  # int8: values per scale; 0 = one scale per vector
     codec_topk_fraction: float = 0.1  # topk: share of the update's entries sent
     codec_error_feedback: bool = True  # what a lossy codec did not send joins the next update
@@ -156,7 +157,7 @@ class RunSettings:
         )
 
     def codec_spec(self) -> CodecSpec:
-        """The uplink codec of the run (``codec`` and its ``codec-*`` keys)."""
+        """The codec of the run (``codec`` and its ``codec-*`` keys)."""
         return CodecSpec(
             name=self.codec,
             block_size=self.codec_block_size,

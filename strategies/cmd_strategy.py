@@ -11,7 +11,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from cmd_fl.checkpoint import prefixed, unprefixed
+from cmd_fl.codec import encoded_nbytes
 from cmd_fl.coded import CODED_UPDATE, CodedUpdate
+from cmd_fl.downlink import CODED_CMD
 from cmd_fl.embedding import (
     EmbeddingSchedule,
     EmbeddingSelector,
@@ -186,8 +188,15 @@ class CMDStrategy(FlatModelStrategy):
         config[PROBE] = int(probe)
         if probe:
             self._probe_rounds.add(server_round)
-        messages, checksum = self._cmd_messages(config, node_ids, MessageType.TRAIN)
-        self.sent_checksums[server_round] = checksum
+        if self.downlink is None:
+            self._sent_flat = self.global_flat
+            messages = self._cmd_messages(config, node_ids, MessageType.TRAIN, self.global_flat)
+        else:
+            messages = self._coded_cmd_messages(server_round, config, node_ids)
+        assert self._sent_flat is not None
+        self.sent_checksums[server_round] = model_checksum(
+            self._sent_flat, pack_tensors(self.global_extras)
+        )
         return messages
 
     def evaluate_messages(
@@ -198,35 +207,63 @@ class CMDStrategy(FlatModelStrategy):
         A node behind the server's state version gets the state delta with it, as for training;
         the node does not keep it (its stored state moves only with training replies, whose
         checksums prove it), so an evaluation never puts client and server views out of step.
+        The model is the global one as it is, also when the training downlink is coded.
         """
         if self.state is None or self.global_flat is None:
             return super().evaluate_messages(server_round, arrays, config, node_ids)
-        messages, _ = self._cmd_messages(config, node_ids, MessageType.EVALUATE)
-        return messages
+        return self._cmd_messages(config, node_ids, MessageType.EVALUATE, self.global_flat)
 
     def _cmd_messages(
-        self, config: ConfigRecord, node_ids: list[int], message_type: str
-    ) -> tuple[list[Message], int]:
-        """One CMD message per node (free vector, references, extras, state delta if behind).
-
-        Returns the messages and the checksum of the model they carry.
-        """
-        assert self.state is not None and self.global_flat is not None
-        assert self.history is not None
-        free, refs = self.state.split(self.global_flat)
+        self,
+        config: ConfigRecord,
+        node_ids: list[int],
+        message_type: str,
+        flat: np.ndarray,
+        coded: np.ndarray | None = None,
+    ) -> list[Message]:
+        """One CMD message per node: the free vector and references of ``flat`` with the extras
+        (or the ``coded`` blob of them, to nodes that hold the downlink's base), and the state
+        delta if the node is behind."""
+        assert self.state is not None and self.history is not None
+        free, refs = self.state.split(flat)
         extras = pack_tensors(self.global_extras)
         model_record = CMDModel(free, refs, extras).to_record()
+        coded_record = None if coded is None else CodedUpdate(coded, extras).to_record()
         config[STATE_VERSION] = self.state.version
         config[N_MODES] = self.state.n_modes
         messages = []
         for node in node_ids:
-            content = RecordDict({CMD_MODEL: model_record, CONFIG: config})
+            if coded_record is not None and self.downlink and self.downlink.holds_base(node):
+                content = RecordDict({CODED_CMD: coded_record, CONFIG: config})
+            else:
+                content = RecordDict({CMD_MODEL: model_record, CONFIG: config})
             known = self.node_versions.get(node, 0)
             if known < self.state.version:
                 delta = self.history.delta(self.state, known)
                 content[CMD_STATE] = delta.to_array_record(self.state.n_weights, self.state.n_modes)
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
-        return messages, model_checksum(self.global_flat, extras)
+        return messages
+
+    def _coded_cmd_messages(
+        self, server_round: int, config: ConfigRecord, node_ids: list[int]
+    ) -> list[Message]:
+        """Training messages of a coded downlink: the public model moves towards the global
+        one in the free weights and references; the embedded ones follow (``assemble``)."""
+        assert self.state is not None and self.downlink is not None
+        assert self.global_flat is not None
+        state = self.state
+        n_free = state.free_indices.size
+        blob = self.downlink.advance(
+            server_round,
+            self.global_flat,
+            lambda values: state.assemble(values[:n_free], values[n_free:]),
+            np.concatenate([state.free_indices, state.references]),
+        )
+        assert self.downlink.flat is not None
+        self._sent_flat = self.downlink.flat
+        self.note_downlink_lag(self.global_flat)
+        config.update(self.downlink.config())
+        return self._cmd_messages(config, node_ids, MessageType.TRAIN, self._sent_flat, blob)
 
     # --- receiving ----------------------------------------------------------------------------
     def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
@@ -285,7 +322,8 @@ class CMDStrategy(FlatModelStrategy):
         """A coded CMD reply as the model it stands for: sent free + references plus the update."""
         assert self.state is not None and self.global_flat is not None and self.codec
         coded = CodedUpdate.from_record(only_record(content, CODED_UPDATE), self._extras_bytes)
-        values = coded.values(self.codec, np.concatenate(self.state.split(self.global_flat)))
+        assert self._sent_flat is not None
+        values = coded.values(self.codec, np.concatenate(self.state.split(self._sent_flat)))
         n_free = self.state.free_indices.size
         return CMDModel(values[:n_free], values[n_free:], coded.extras)
 
@@ -297,6 +335,12 @@ class CMDStrategy(FlatModelStrategy):
         free, refs, *rest = averaged
         probe = server_round in self._probe_rounds
         trained_embedded = rest.pop(0) if probe else None
+        lag = self._downlink_lag
+        if lag is not None:  # the update lands on the global model, not on the public one
+            lag_free, lag_refs = self.state.split(lag)
+            free, refs = free + lag_free, refs + lag_refs
+            if trained_embedded is not None:
+                trained_embedded = trained_embedded + lag[self.state.embedded_indices]
         self.global_flat = self.state.assemble(free, refs)
         self.global_extras = rest
         if trained_embedded is not None:
@@ -446,6 +490,16 @@ class CMDStrategy(FlatModelStrategy):
         if server_round in self._probe_rounds and self.state is not None:
             return 4 * self.state.n_embedded
         return 0
+
+    def coded_reply_bytes(self, server_round: int) -> int:
+        """In the CMD phase a coded reply codes the free weights and references; a probe's
+        reply sends them as they are (the embedded ones: `extra_reply_bytes`)."""
+        if self.state is None or self.codec is None:
+            return super().coded_reply_bytes(server_round)
+        n_values = self.state.free_indices.size + self.state.n_modes
+        if server_round in self._probe_rounds:
+            return 4 * n_values + self._extras_bytes
+        return encoded_nbytes(self.codec, n_values) + self._extras_bytes
 
     def _is_probe_round(self, server_round: int) -> bool:
         every = self.options.refresh_every

@@ -26,8 +26,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
 
-from cmd_fl.codec import CodecSpec
+from cmd_fl.checkpoint import prefixed, unprefixed
+from cmd_fl.codec import CodecSpec, encoded_nbytes
 from cmd_fl.coded import CODED_UPDATE, CodedUpdate, codec_config
+from cmd_fl.downlink import CODED_DENSE, PublicModel
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger, LedgerRow
 from cmd_fl.payload import (
@@ -109,7 +111,11 @@ class MeteredFedAvg(FedAvg):
         Replies claiming more examples are rejected. Default None (no bound).
     codec : CodecSpec or None
         Codec of the training replies' updates (`cmd_fl.codec`); None or ``none``: replies
-        carry the model as it is. Only the uplink is coded; the downlink is float32.
+        carry the model as it is.
+    code_downlink : bool
+        With a codec, also code the training messages: a delta against the public model the
+        nodes hold (`cmd_fl.downlink`), the model as it is to a node that does not hold it.
+        Default True. Evaluation messages always carry the global model as it is.
     max_abs_value : float
         Replies holding a float of larger magnitude are rejected (finite but absurd values
         would wreck the average). Default 1e6.
@@ -134,6 +140,7 @@ class MeteredFedAvg(FedAvg):
         max_num_examples: int | None = None,
         max_abs_value: float = 1e6,
         codec: CodecSpec | None = None,
+        code_downlink: bool = True,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -156,6 +163,13 @@ class MeteredFedAvg(FedAvg):
         self.sent_checksums: dict[int, int] = {}
         self.codec = codec if codec is not None and codec.name != "none" else None
         self._sent_flat: np.ndarray | None = None  # the flat model sent (coded replies' base)
+        self.downlink = (
+            PublicModel(self.codec, layout.n_weights)
+            if self.codec is not None and code_downlink
+            else None
+        )
+        # Global minus public model of the round (downlink error feedback), or None.
+        self._downlink_lag: np.ndarray | None = None
 
     # --- sampling and sending -----------------------------------------------------------------
     def sample_train_nodes(self, grid: Grid) -> list[int]:
@@ -191,6 +205,7 @@ class MeteredFedAvg(FedAvg):
             largest = max(largest, row.payload_bytes)
         self._sampled[server_round] = set(node_ids)
         self._instructions[server_round] = messages  # the Grid sets their ids when it pushes
+        largest = max(largest, self.coded_reply_bytes(server_round))
         self._reply_bound[server_round] = (
             largest + self.extra_reply_bytes(server_round) + REPLY_ALLOWANCE
         )
@@ -200,17 +215,66 @@ class MeteredFedAvg(FedAvg):
     def train_messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, node_ids: list[int]
     ) -> list[Message]:
-        """Dense FedAvg messages: the whole model to every node."""
+        """Dense FedAvg messages: the whole model to every node (coded where it can be)."""
         self._global = arrays
         sent = {key: arr.numpy() for key, arr in arrays.items()}
-        self._sent_flat = self.layout.flatten_numpy(sent)
-        extras = pack_tensors(self.layout.extra_tensors(sent))
-        self.sent_checksums[server_round] = model_checksum(self._sent_flat, extras)
-        content = RecordDict({DENSE_MODEL: arrays, CONFIG: config})
-        return [
-            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
-            for node in node_ids
-        ]
+        extra_tensors = self.layout.extra_tensors(sent)
+        extras = pack_tensors(extra_tensors)
+        if self.downlink is None:
+            self._sent_flat = self.layout.flatten_numpy(sent)
+            self.sent_checksums[server_round] = model_checksum(self._sent_flat, extras)
+            content = RecordDict({DENSE_MODEL: arrays, CONFIG: config})
+            return [
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+                for node in node_ids
+            ]
+        blob = self.downlink.advance(server_round, self.layout.flatten_numpy(sent), self._as_loaded)
+        public = self.downlink.flat
+        assert public is not None
+        self._sent_flat = public
+        self.sent_checksums[server_round] = model_checksum(public, extras)
+        config.update(self.downlink.config())
+        dense = RecordDict(
+            {
+                DENSE_MODEL: ArrayRecord(self.layout.state_dict(public, extra_tensors)),
+                CONFIG: config,
+            }
+        )
+        coded = None
+        if blob is not None:
+            coded = RecordDict({CODED_DENSE: CodedUpdate(blob, extras).to_record(), CONFIG: config})
+        return self._downlink_messages(node_ids, dense, coded)
+
+    def note_downlink_lag(self, target: np.ndarray) -> None:
+        """Keep ``target - public`` of the round, added to its aggregate (error feedback)."""
+        assert self.downlink is not None
+        feedback = self.downlink.spec.error_feedback
+        self._downlink_lag = self.downlink.lag(target) if feedback else None
+
+    def _as_loaded(self, flat: np.ndarray) -> np.ndarray:
+        """A flat model as a client holds it once loaded (cast to the tensors' dtypes)."""
+        return self.layout.flatten_numpy(self.layout.unflatten(flat))
+
+    def _downlink_messages(
+        self, node_ids: list[int], whole: RecordDict, coded: RecordDict | None
+    ) -> list[Message]:
+        """The coded content to nodes that hold the base version, the whole model to others."""
+        assert self.downlink is not None
+        messages = []
+        for node in node_ids:
+            content = coded if coded is not None and self.downlink.holds_base(node) else whole
+            messages.append(
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+            )
+        return messages
+
+    def coded_reply_bytes(self, server_round: int) -> int:
+        """Payload bytes a coded reply may take (the bound must admit it when the downlink is
+        coded too, or smaller than the reply); 0 without a codec."""
+        if self.codec is None:
+            return 0
+        extras = extras_nbytes(self.layout.extra_specs())
+        return encoded_nbytes(self.codec, self.layout.n_weights) + extras
 
     # --- receiving ----------------------------------------------------------------------------
     def aggregate_train(
@@ -227,6 +291,8 @@ class MeteredFedAvg(FedAvg):
         accepted: list[ParsedReply] = []
         for reply, node_id, problem in resolved:
             row = self.ledger.record_message(server_round, "train", "up", node_id, reply)
+            if self.downlink is not None and not problem:
+                self.downlink.note_reply(node_id, self._proves_model(server_round, reply))
             try:
                 if problem:
                     raise RejectedReply(problem)
@@ -252,6 +318,14 @@ class MeteredFedAvg(FedAvg):
             values = [r.metrics[key] for r in accepted]
             metrics[key] = float(np.average(values, weights=weights))
         return arrays, metrics
+
+    def _proves_model(self, server_round: int, reply: Message) -> bool:
+        """Whether the reply's checksum shows its node trained on the model sent this round."""
+        if reply.has_error() or METRICS not in reply.content.metric_records:
+            return False
+        sent = self.sent_checksums.get(server_round)
+        checksum = reply.content.metric_records[METRICS].get(MODEL_CHECKSUM)
+        return sent is not None and checksum == sent
 
     @staticmethod
     def _reply_node(reply: Message, instructions: dict[str, int]) -> tuple[int, str | None]:
@@ -369,12 +443,20 @@ class MeteredFedAvg(FedAvg):
         return metrics
 
     def aggregate_replies(self, server_round: int, replies: list[ParsedReply]) -> ArrayRecord:
-        """Weighted average of dense replies, dtypes kept."""
+        """Weighted average of dense replies, dtypes kept.
+
+        With a coded downlink the clients trained from the public model, which lags the global
+        one; the lag is added back, so the averaged update lands on the global model and what
+        the downlink has not delivered yet is sent in later rounds (error feedback).
+        """
         assert self._global is not None
         averaged = weighted_average([r.arrays for r in replies], [r.num_examples for r in replies])
-        return ArrayRecord(
-            {key: Array(value) for key, value in zip(self._global.keys(), averaged, strict=True)}
-        )
+        keys = list(self._global.keys())
+        if self._downlink_lag is not None:
+            state = dict(zip(keys, averaged, strict=True))
+            moved = self.layout.unflatten(self.layout.flatten_numpy(state) + self._downlink_lag)
+            averaged = [moved[key].numpy() if key in moved else state[key] for key in keys]
+        return ArrayRecord({key: Array(value) for key, value in zip(keys, averaged, strict=True)})
 
     # --- the round loop, with resume ---------------------------------------------------------
     def start(
@@ -478,7 +560,8 @@ class MeteredFedAvg(FedAvg):
             "sent_checksums": {str(k): v for k, v in self.sent_checksums.items()},
             "ledger": self.ledger.to_rows(),
         }
-        return {}, meta
+        arrays = {} if self.downlink is None else prefixed("downlink", self.downlink.to_arrays())
+        return arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Restore what :meth:`checkpoint` saved (into a strategy built with the same config)."""
@@ -486,6 +569,8 @@ class MeteredFedAvg(FedAvg):
         self.round_info = {int(k): v for k, v in meta["round_info"].items()}
         self.sent_checksums = {int(k): int(v) for k, v in meta["sent_checksums"].items()}
         self.ledger.extend(LedgerRow(**row) for row in meta["ledger"])
+        if self.downlink is not None:
+            self.downlink.load_arrays(unprefixed("downlink", arrays))
 
     # --- evaluation (metered; off by default) -------------------------------------------------
     def configure_evaluate(

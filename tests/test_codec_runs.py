@@ -1,4 +1,5 @@
-"""Coded uplink through the real apps: FedAvg and CMD replies carry codec blobs of their updates."""
+"""Codecs through the real apps: FedAvg and CMD replies carry codec blobs of their updates, and
+training messages (unless ``codec-downlink = false``) coded deltas against the client's model."""
 
 from __future__ import annotations
 
@@ -25,21 +26,31 @@ def test_int8_replies_are_coded_smaller_and_the_model_still_learns(
 ) -> None:
     plain, _ = simulate(tmp_path / "plain", strategy=strategy)
     coded, grid = simulate(tmp_path / "int8", strategy=strategy, codec="int8")
+    uplink_only, _ = simulate(
+        tmp_path / "up", strategy=strategy, codec="int8", codec_downlink=False
+    )
 
-    assert coded.summary["rejected_replies"]["total"] == 0
+    for outcome in (coded, uplink_only):
+        assert outcome.summary["rejected_replies"]["total"] == 0
+        assert outcome.summary["final_accuracy"] > plain.summary["final_accuracy"] - 0.05
+        assert outcome.summary["final_accuracy"] > 0.8
+        # int8 sends about a quarter of float32's bytes up.
+        assert _uplink_bytes(outcome) < 0.45 * _uplink_bytes(plain)
     kinds = {tuple(e.reply.content.array_records) for e in grid.exchanges}
     assert kinds == {(CODED_UPDATE,)}  # every training reply, warm-up included
-    # int8 sends about a quarter of float32's bytes up; the downlink is unchanged.
-    assert _uplink_bytes(coded) < 0.45 * _uplink_bytes(plain)
-    assert coded.summary["total_bytes_down"] == pytest.approx(
+    # Down too, unless the downlink is left float32 (round 1 sends the model as it is, and
+    # CMD's state deltas travel as they are).
+    down_ratio = coded.summary["total_bytes_down"] / plain.summary["total_bytes_down"]
+    assert down_ratio < {"fedavg": 0.45, "cmd": 0.65}[strategy]
+    assert uplink_only.summary["total_bytes_down"] == pytest.approx(
         plain.summary["total_bytes_down"], rel=0.01
     )
-    assert coded.summary["final_accuracy"] > plain.summary["final_accuracy"] - 0.05
-    assert coded.summary["final_accuracy"] > 0.8
 
 
 def test_the_server_averages_exactly_what_the_blobs_decode_to(tmp_path: Path) -> None:
-    outcome, grid = simulate(tmp_path, strategy="fedavg", codec="topk", num_server_rounds=2)
+    outcome, grid = simulate(
+        tmp_path, strategy="fedavg", codec="topk", codec_downlink=False, num_server_rounds=2
+    )
     layout = outcome.strategy.layout
     spec = RunSettings(codec="topk").codec_spec()
     round_1 = [e for e in grid.exchanges if e.server_round == 1]
