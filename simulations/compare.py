@@ -88,13 +88,13 @@ METHODS: dict[str, Method] = {
     # CMD with the reference code's projection: clients train every weight and the embedded
     # ones are re-projected at the round boundary instead of after every local step.
     "cmd-round": Method("CMD (round projection)", {"strategy": "cmd", "cmd-projection": "round"}),
-    # What a Flower user would try first: the FedAvg update (uplink) through a codec, with
-    # error feedback; and the same codecs on CMD's update. The downlink stays float32.
-    "fedavg-fp16": Method("FedAvg + fp16 uplink", {"strategy": "fedavg", "codec": "fp16"}),
-    "fedavg-int8": Method("FedAvg + int8 uplink", {"strategy": "fedavg", "codec": "int8"}),
-    "fedavg-topk": Method("FedAvg + top-10 % uplink", {"strategy": "fedavg", "codec": "topk"}),
-    "cmd-int8": Method("CMD + int8 uplink", {"strategy": "cmd", "codec": "int8"}),
-    "cmd-topk": Method("CMD + top-10 % uplink", {"strategy": "cmd", "codec": "topk"}),
+    # What a Flower user would try first: FedAvg's updates through a codec (both directions,
+    # with error feedback); and the same codecs on what CMD sends.
+    "fedavg-fp16": Method("FedAvg + fp16", {"strategy": "fedavg", "codec": "fp16"}),
+    "fedavg-int8": Method("FedAvg + int8", {"strategy": "fedavg", "codec": "int8"}),
+    "fedavg-topk": Method("FedAvg + top-10 %", {"strategy": "fedavg", "codec": "topk"}),
+    "cmd-int8": Method("CMD + int8", {"strategy": "cmd", "codec": "int8"}),
+    "cmd-topk": Method("CMD + top-10 %", {"strategy": "cmd", "codec": "topk"}),
 }
 
 # Data settings: how the training set is split over the clients.
