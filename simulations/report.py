@@ -3,7 +3,9 @@
 Everything here reads run records (a run's ``summary.json`` plus what the driver knows about it)
 and needs no Flower: tests feed it synthetic summaries. Bytes are the ledgers' measured wire
 bytes (``summary.json`` totals); savings and accuracy differences are paired per seed with the
-FedAvg run of the same setting and seed, then averaged over seeds.
+FedAvg run of the same setting and seed, then averaged over seeds. The Pareto front (final
+accuracy against total MB) and its CMD + codec vs FedAvg + codec comparisons use the methods'
+means over seeds instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ MB = 1e6
 MAX_BYTES_RATIO = 0.40  # CMD's total bytes at most 40 % of FedAvg's ...
 MAX_ACCURACY_DROP_POINTS = 0.5  # ... with final accuracy at most 0.5 points below
 MAX_WALL_TIME_RATIO = 1.10  # CMD's wall time at most 1.10 x FedAvg's
+# The Pareto target (issue "Pareto front"): CMD + a codec at equal or better mean accuracy
+# with at most 0.6 x the mean total bytes of FedAvg + the same codec.
+PARETO_MAX_BYTES_RATIO = 0.60
+# Codecs paired as ``fedavg-<codec>`` vs ``cmd-<codec>``; "none" pairs plain FedAvg and CMD.
+PARETO_CODECS = ("none", "fp16", "int8", "topk")
+PARETO_PLOT = ("pareto", "final accuracy vs total MB, Pareto front over method means")
+PARETO_TIE = 1e-9  # accuracy differences (points) and byte-ratio excesses this small count as 0
 
 
 @dataclass(frozen=True)
@@ -416,6 +425,134 @@ def _tradeoff(
     }
 
 
+# ----------------------------------------------------------------------------- Pareto front
+
+
+def method_means(by_method: dict[str, dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """``method -> (mean total MB, mean final accuracy)`` of the methods with finished runs."""
+    means: dict[str, tuple[float, float]] = {}
+    for method, agg in by_method.items():
+        mb, accuracy = _mean(agg, "mb_total"), _mean(agg, "final_accuracy")
+        if mb is not None and accuracy is not None:
+            means[method] = (mb, accuracy)
+    return means
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The names whose ``(MB, accuracy)`` no other point dominates, by MB ascending.
+
+    A point dominates another when it sends no more MB at no lower accuracy and is strictly
+    better in one of the two; equal points are both on the front.
+    """
+
+    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
+
+    front = [
+        name
+        for name, point in points.items()
+        if not any(dominates(other, point) for o, other in points.items() if o != name)
+    ]
+    return sorted(front, key=lambda name: (points[name][0], -points[name][1]))
+
+
+def codec_pairs(methods: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(codec, fedavg method, cmd method)`` for every codec of `PARETO_CODECS` with both."""
+    pairs = []
+    for codec in PARETO_CODECS:
+        suffix = "" if codec == "none" else f"-{codec}"
+        fedavg, cmd = f"{BASELINE}{suffix}", f"cmd{suffix}"
+        if fedavg in methods and cmd in methods:
+            pairs.append((codec, fedavg, cmd))
+    return pairs
+
+
+def _codec_pair(
+    codec: str,
+    fedavg: str,
+    cmd: str,
+    means: dict[str, tuple[float, float]],
+    label: dict[str, str],
+) -> dict[str, Any]:
+    """CMD + codec against FedAvg + codec on mean total MB and mean final accuracy."""
+    found: dict[str, Any] = {"codec": codec, "fedavg": fedavg, "cmd": cmd}
+    if cmd not in means or fedavg not in means:
+        missing = " and ".join(label[m] for m in (cmd, fedavg) if m not in means)
+        return {
+            **found,
+            **dict.fromkeys(("cmd_mb", "fedavg_mb", "cmd_accuracy", "fedavg_accuracy")),
+            "bytes_ratio": None,
+            "accuracy_diff_points": None,
+            "target_met": None,
+            "line": f"{label[cmd]} vs {label[fedavg]}: no finished runs of {missing}",
+        }
+    (c_mb, c_acc), (f_mb, f_acc) = means[cmd], means[fedavg]
+    ratio = c_mb / f_mb
+    diff = 100.0 * (c_acc - f_acc)
+    equal_accuracy = diff >= -PARETO_TIE
+    few_bytes = ratio <= PARETO_MAX_BYTES_RATIO + PARETO_TIE
+    problems = []
+    if not equal_accuracy:
+        problems.append(f"not at equal accuracy: {diff:.2f} points")
+    if not few_bytes:
+        problems.append(f"{ratio:.2f} x the bytes is above {PARETO_MAX_BYTES_RATIO:.2f} x")
+    verdict = "target met" if not problems else "target not met: " + "; ".join(problems)
+    return {
+        **found,
+        "cmd_mb": c_mb,
+        "fedavg_mb": f_mb,
+        "cmd_accuracy": c_acc,
+        "fedavg_accuracy": f_acc,
+        "bytes_ratio": ratio,
+        "accuracy_diff_points": diff,
+        "target_met": equal_accuracy and few_bytes,
+        "line": (
+            f"{label[cmd]}: {c_mb:.3f} MB at {100 * c_acc:.2f} % vs {label[fedavg]}: "
+            f"{f_mb:.3f} MB at {100 * f_acc:.2f} %: {ratio:.2f} x the bytes, "
+            f"{diff:+.2f} points; {verdict}"
+        ),
+    }
+
+
+def evaluate_pareto(
+    aggregates: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Per setting: each method's means, the Pareto front over them, and the codec pairs.
+
+    Returns ``{setting: {"methods": {method: {"label", "runs", "mb_total", "final_accuracy",
+    "on_front"}}, "front": [methods by MB ascending], "pairs": [...], "max_bytes_ratio"}}``.
+    ``mb_total`` is the mean over seeds of all bytes both ways (`_total_bytes`), accuracy the
+    mean final accuracy; a pair's ``bytes_ratio`` is CMD's mean MB over FedAvg's and
+    ``accuracy_diff_points`` ``100 (CMD's mean accuracy - FedAvg's)``. ``target_met``
+    (None when a method of the pair has no finished run) is accuracy at least FedAvg's with
+    ``bytes_ratio <= PARETO_MAX_BYTES_RATIO``.
+    """
+    label = {m: meta["methods"][m]["label"] for m in meta["methods"]}
+    found: dict[str, dict[str, Any]] = {}
+    for setting, by_method in aggregates.items():
+        means = method_means(by_method)
+        front = pareto_front(means)
+        found[setting] = {
+            "methods": {
+                method: {
+                    "label": label[method],
+                    "runs": agg["runs_done"],
+                    "mb_total": means[method][0] if method in means else None,
+                    "final_accuracy": means[method][1] if method in means else None,
+                    "on_front": (method in front) if method in means else None,
+                }
+                for method, agg in by_method.items()
+            },
+            "front": front,
+            "pairs": [
+                _codec_pair(codec, fedavg, cmd, means, label)
+                for codec, fedavg, cmd in codec_pairs(list(by_method))
+            ],
+            "max_bytes_ratio": PARETO_MAX_BYTES_RATIO,
+        }
+    return found
+
+
 # ----------------------------------------------------------------------------- markdown
 
 
@@ -458,6 +595,49 @@ def _scope(meta: dict[str, Any]) -> str:
         f"settings {', '.join(meta['settings'])}; methods {', '.join(meta['methods'])}; "
         f"seeds {' '.join(str(seed) for seed in meta['seeds'])}"
     )
+
+
+def pareto_section(results: dict[str, Any]) -> list[str]:
+    """The "Pareto front" section of report.md: per setting, the means, the front, the pairs."""
+    pareto = results.get("pareto", {})
+    if not pareto:
+        return []
+    lines = [
+        "",
+        "## Pareto front",
+        "",
+        "Final accuracy against total MB (every byte both ways), means over seeds. A method is "
+        "on the front when no other method sends no more MB at no lower accuracy (and is "
+        "better in one). Target: CMD + a codec at equal or better accuracy with at most "
+        f"{PARETO_MAX_BYTES_RATIO:.2f} x the bytes of FedAvg + the same codec (no codec: plain "
+        "CMD vs FedAvg).",
+    ]
+    for setting, found in pareto.items():
+        lines += [
+            "",
+            f"### `{setting}`",
+            "",
+            "| method | runs | mean total MB | mean final accuracy (%) | on the front |",
+            "|---|---|---|---|---|",
+        ]
+        for method, row in found["methods"].items():
+            if row["mb_total"] is None:
+                cells = [MISSING, MISSING, MISSING]
+            else:
+                on_front = "**yes**" if row["on_front"] else "no"
+                cells = [f"{row['mb_total']:.3f}", f"{100 * row['final_accuracy']:.2f}", on_front]
+            lines.append(
+                f"| {row['label']} (`{method}`) | {row['runs']} | " + " | ".join(cells) + " |"
+            )
+        lines.append("")
+        if found["pairs"]:
+            lines += [f"- {pair['line']}" for pair in found["pairs"]]
+        else:
+            lines.append("- no codec pair (`fedavg[-codec]` with `cmd[-codec]`) in this setting")
+        path = f"{setting}-{PARETO_PLOT[0]}.png"
+        if path in results["plots"]:
+            lines += ["", f"![{setting}: {PARETO_PLOT[1]}]({path})"]
+    return lines
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -515,6 +695,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             path = f"{setting}-{stem}.png"
             if path in results["plots"]:
                 lines.append(f"![{setting}: {title}]({path})")
+    lines += pareto_section(results)
     lines += ["", "## Runs", ""]
     lines += [
         "| run | status | final accuracy | MB up | MB down | server s | process s |",
@@ -602,7 +783,55 @@ def write_plots(
             fig.savefig(out / file_name, dpi=110)
             plt.close(fig)
             written.append(file_name)
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        _draw_pareto(ax, by_method, list(drawn), meta)
+        ax.set_title(f"{meta['preset']} / {setting}: Pareto front")
+        fig.tight_layout()
+        file_name = f"{setting}-{PARETO_PLOT[0]}.png"
+        fig.savefig(out / file_name, dpi=110)
+        plt.close(fig)
+        written.append(file_name)
     return written
+
+
+def _draw_pareto(
+    ax: Any, by_method: dict[str, dict[str, Any]], drawn: list[str], meta: dict[str, Any]
+) -> None:
+    """Final accuracy vs total MB: every run (light), each method's mean (labelled), the front.
+
+    Colours follow the other plots (the colour cycle over the methods with finished runs).
+    """
+    means = method_means(by_method)
+    for index, method in enumerate(drawn):
+        if method not in means:
+            continue
+        agg, colour = by_method[method], f"C{index % 10}"
+        name = meta["methods"][method]["label"]
+        ax.scatter(
+            agg["mb_total"]["values"],
+            agg["final_accuracy"]["values"],
+            color=colour,
+            alpha=0.35,
+            s=18,
+            linewidths=0,
+        )
+        mb, accuracy = means[method]
+        ax.scatter([mb], [accuracy], color=colour, s=70, edgecolors="black", label=name, zorder=3)
+        ax.annotate(
+            name, (mb, accuracy), textcoords="offset points", xytext=(6, 4), fontsize="x-small"
+        )
+    front = pareto_front(means)
+    if front:
+        xs, ys = [means[m][0] for m in front], [means[m][1] for m in front]
+        ax.step(xs, ys, where="post", color="black", alpha=0.6, linewidth=1.2, zorder=2)
+        ax.plot([], [], color="black", alpha=0.6, label="Pareto front (means)")
+    totals = [mb for mb, _ in means.values()]
+    if totals and min(totals) > 0 and max(totals) / min(totals) >= 10:
+        ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost means
+    ax.set(xlabel="total MB (up + down)", ylabel="final test accuracy (runs light, means large)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -624,6 +853,7 @@ def build_results(meta: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
         "failed": [r["run_name"] for r in records if r["status"] != "done"],
         "aggregates": aggregates,
         "targets": evaluate_targets(aggregates, meta),
+        "pareto": evaluate_pareto(aggregates, meta),
         "plots": [],
     }
 
