@@ -138,8 +138,8 @@ def test_pareto_front_ratios_and_verdicts_are_measured() -> None:
     assert pairs["int8"]["line"].endswith(
         "0.40 x the bytes, -1.00 points; target not met: not at equal accuracy: -1.00 points"
     )
-    assert pairs["int8"]["line"].startswith("CMD + int8 uplink: ")
-    assert " vs FedAvg + int8 uplink: " in pairs["int8"]["line"]
+    assert pairs["int8"]["line"].startswith("CMD + int8: ")
+    assert " vs FedAvg + int8: " in pairs["int8"]["line"]
     assert pairs["topk"]["line"].endswith(
         "0.80 x the bytes, +0.20 points; target not met: 0.80 x the bytes is above 0.60 x"
     )
@@ -207,8 +207,7 @@ def test_report_has_a_pareto_section_and_plot_per_setting(tmp_path: Path) -> Non
     lines = [p["line"] for p in dirichlet["pairs"]]
     assert lines[0] == "CMD vs FedAvg: no finished runs of CMD"
     assert lines[1] == (
-        "CMD + int8 uplink vs FedAvg + int8 uplink: no finished runs of CMD + int8 uplink and "
-        "FedAvg + int8 uplink"
+        "CMD + int8 vs FedAvg + int8: no finished runs of CMD + int8 and FedAvg + int8"
     )
 
 
