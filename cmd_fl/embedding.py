@@ -99,7 +99,16 @@ class EmbeddingState:
         Weight index of each mode's reference.
     version : int
         State version: 1 after warm-up, +1 at every change of the embedded set.
+
+    Attributes
+    ----------
+    round_coefficients : bool
+        If True, :meth:`embed` rounds ``a`` and ``b`` to the nearest float16 (kept as float32;
+        values beyond float16's range stay as they are), so state deltas carry them in 2 bytes
+        each, losslessly. The server sets it; clients hold the values they are sent.
     """
+
+    round_coefficients: bool = False
 
     def __init__(self, modes: np.ndarray, references: np.ndarray, version: int = 1) -> None:
         modes = np.asarray(modes)
@@ -176,6 +185,8 @@ class EmbeddingState:
             raise ValueError("coefficients must match the indices in length")
         if not (np.isfinite(a32).all() and np.isfinite(b32).all()):
             raise ValueError("frozen coefficients must be finite")
+        if self.round_coefficients:
+            a32, b32 = _nearest_float16(a32), _nearest_float16(b32)
         self.embedded[idx] = True
         self.frozen_a[idx] = a32
         self.frozen_b[idx] = b32
@@ -244,11 +255,19 @@ class EmbeddingState:
     def copy(self) -> EmbeddingState:
         """An independent copy."""
         other = EmbeddingState(self.modes, self.references, self.version)
+        other.round_coefficients = self.round_coefficients
         other.embedded = self.embedded.copy()
         other.frozen_a = self.frozen_a.copy()
         other.frozen_b = self.frozen_b.copy()
         other._refresh()
         return other
+
+
+def _nearest_float16(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to float16 and back, where float16 can hold them."""
+    with np.errstate(over="ignore"):
+        rounded = values.astype(np.float16).astype(np.float32)
+    return np.where(np.isfinite(rounded), rounded, values)
 
 
 SELECTION_RULES = ("stability", "stability+fit")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from cmd_fl.embedding import EmbeddingState
@@ -25,11 +27,12 @@ def full_state(state: EmbeddingState) -> StateDelta:
 class EmbeddingHistory:
     """The server's log of embedding changes, so any client can be brought up to date.
 
-    Every version after the first records which weights it embedded and released. The delta
-    from version v to the current one is composed from the current state: a weight touched by
-    any change after v is sent as it is now (embedded with its current coefficients, or
-    released). Re-applying a change is harmless, so a client that already got part of it (its
-    reply was lost) ends in the same state.
+    Every version after the first records which weights it embedded and released, and which
+    it re-fit (same ``a``, new ``b``). The delta from version v to the current one is composed
+    from the current state: a weight touched by any change after v is sent as it is now
+    (embedded with its current coefficients, or released); a weight only re-fit since v is
+    sent with its new ``b`` alone. Re-applying a change is harmless, so a client that already
+    got part of it (its reply was lost) ends in the same state.
 
     Parameters
     ----------
@@ -40,25 +43,33 @@ class EmbeddingHistory:
     def __init__(self, state: EmbeddingState) -> None:
         self.first_version = state.version
         self._touched: dict[int, np.ndarray] = {}
+        self._refit: dict[int, np.ndarray] = {}
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The log as named arrays (for checkpoints)."""
         out = {"first_version": np.asarray(self.first_version)}
         out.update({f"touched.{v}": t for v, t in self._touched.items()})
+        out.update({f"refit.{v}": t for v, t in self._refit.items()})
         return out
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`to_arrays` saved."""
         self.first_version = int(arrays["first_version"])
-        self._touched = {
-            int(key.split(".", 1)[1]): value.astype(np.int64)
-            for key, value in arrays.items()
-            if key.startswith("touched.")
-        }
+        self._touched, self._refit = (
+            {
+                int(key.split(".", 1)[1]): value.astype(np.int64)
+                for key, value in arrays.items()
+                if key.startswith(prefix)
+            }
+            for prefix in ("touched.", "refit.")
+        )
 
-    def record(self, version: int, touched: np.ndarray) -> None:
-        """Log that ``version`` changed the weights ``touched`` (embedded or released)."""
+    def record(self, version: int, touched: np.ndarray, refit: np.ndarray | None = None) -> None:
+        """Log that ``version`` changed the weights ``touched`` (embedded or released) and gave
+        the weights ``refit`` (embedded, and staying so) a new offset ``b``."""
         self._touched[version] = np.asarray(touched, dtype=np.int64)
+        if refit is not None and len(refit):
+            self._refit[version] = np.asarray(refit, dtype=np.int64)
 
     def delta(self, state: EmbeddingState, from_version: int) -> StateDelta:
         """What a client at ``from_version`` (0: nothing) needs to reach ``state.version``."""
@@ -66,8 +77,9 @@ class EmbeddingHistory:
             raise ValueError(f"version {from_version} is newer than the server's {state.version}")
         if from_version < self.first_version:
             return full_state(state)
-        later = [t for v, t in self._touched.items() if v > from_version]
-        touched = np.unique(np.concatenate(later)) if later else np.empty(0, dtype=np.int64)
+        touched = _union(t for v, t in self._touched.items() if v > from_version)
+        refit = _union(t for v, t in self._refit.items() if v > from_version)
+        refit = np.setdiff1d(refit, touched, assume_unique=True)
         now_embedded = state.embedded[touched]
         emb = touched[now_embedded]
         return StateDelta(
@@ -77,7 +89,15 @@ class EmbeddingHistory:
             embed_a=state.frozen_a[emb],
             embed_b=state.frozen_b[emb],
             release_indices=touched[~now_embedded],
+            refit_indices=refit,
+            refit_b=state.frozen_b[refit],
         )
+
+
+def _union(sets: Iterable[np.ndarray]) -> np.ndarray:
+    """Sorted union of index arrays (empty ``int64`` for none)."""
+    parts = list(sets)
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
 def apply_delta(state: EmbeddingState | None, delta: StateDelta) -> EmbeddingState:
@@ -105,5 +125,10 @@ def apply_delta(state: EmbeddingState | None, delta: StateDelta) -> EmbeddingSta
         state.release(delta.release_indices)
     if delta.embed_indices.size:
         state.embed(delta.embed_indices, delta.embed_a, delta.embed_b)
+    if delta.refit_indices.size:
+        refit = delta.refit_indices
+        if not state.embedded[refit].all():
+            raise ValueError("the delta re-fits weights this client does not hold embedded")
+        state.embed(refit, state.frozen_a[refit], delta.refit_b)
     state.version = delta.to_version
     return state

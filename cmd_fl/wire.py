@@ -43,9 +43,11 @@ _TAG_BITMAP = 0
 _TAG_VARINT = 1
 _MAX_VARINT_BYTES = 5  # ceil(32 / 7): enough for any value below MAX_INDEX_UNIVERSE
 
-# StateDelta blob: format version, from/to versions, then the byte length of each part.
-_STATE_FORMAT = 1
-_STATE_HEADER = struct.Struct("<BqqQQQQ")  # version, from, to, len(modes, refs, embed, release)
+# StateDelta blob: format version, coefficient width (bytes), from/to versions, then the byte
+# length of each index part (modes, references, embed, release, refit).
+_STATE_FORMAT = 2
+_STATE_HEADER = struct.Struct("<BBqqQQQQQ")
+_COEFFICIENT_DTYPES: dict[int, np.dtype] = {4: np.dtype("<f4"), 2: np.dtype("<f2")}
 _STATE_KEY = "cmd-state"
 
 
@@ -446,6 +448,15 @@ class StateDelta:
     references : np.ndarray | None, default None
         Index of the reference weight of each mode (``references[m]`` belongs to mode ``m``),
         ``int64``, length M; only in a full state.
+    refit_indices : np.ndarray, default empty
+        Weights that stay embedded with the same ``a`` and a new offset ``b`` (a refresh
+        re-fit), ``int64``, strictly increasing, disjoint from the other sets; not in a full
+        state.
+    refit_b : np.ndarray, default empty
+        The new offset of each re-fit weight, ``float32``.
+
+    On the wire the coefficients take 2 bytes each when every one of them is exactly a
+    float16 (the server rounds them so, see `EmbeddingState.round_coefficients`), else 4.
     """
 
     from_version: int
@@ -456,6 +467,8 @@ class StateDelta:
     release_indices: np.ndarray = field(default_factory=_empty_indices)
     modes: np.ndarray | None = None
     references: np.ndarray | None = None
+    refit_indices: np.ndarray = field(default_factory=_empty_indices)
+    refit_b: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32))
 
     @property
     def is_full(self) -> bool:
@@ -483,7 +496,8 @@ class StateDelta:
         """Validate the delta and pack it into a one-array `ArrayRecord`.
 
         Index sets travel in the compact `encode_index_set` form, the coefficients as raw
-        float32, everything in a single ``uint8`` blob (one `Array`: one npy header).
+        float16 when that is lossless for all of them, else float32, everything in a single
+        ``uint8`` blob (one `Array`: one npy header).
 
         Parameters
         ----------
@@ -507,17 +521,23 @@ class StateDelta:
         refs = b"" if self.references is None else _encode_set(self.references, n_weights)
         embed = _encode_set(self.embed_indices, n_weights)
         release = _encode_set(self.release_indices, n_weights)
+        refit = _encode_set(self.refit_indices, n_weights)
+        values = [np.asarray(v) for v in (self.embed_a, self.embed_b, self.refit_b)]
+        width = 2 if all(_exact_in_float16(v) for v in values) else 4
         header = _STATE_HEADER.pack(
             _STATE_FORMAT,
+            width,
             int(self.from_version),
             int(self.to_version),
             len(modes),
             len(refs),
             len(embed),
             len(release),
+            len(refit),
         )
-        coefficients = pack_tensors([self.embed_a, self.embed_b])
-        blob = b"".join((header, modes, refs, embed, coefficients.tobytes(), release))
+        dtype = _COEFFICIENT_DTYPES[width]
+        a, b, refit_b = (v.astype(dtype).tobytes() for v in values)
+        blob = b"".join((header, modes, refs, embed, a, b, release, refit, refit_b))
         return to_array_record({_STATE_KEY: np.frombuffer(blob, dtype=np.uint8)})
 
     @classmethod
@@ -547,11 +567,13 @@ class StateDelta:
         data = blob.reshape(-1)
         if data.size < _STATE_HEADER.size:
             raise WireFormatError(f"state blob has {data.size} bytes, header needs more")
-        fmt, from_v, to_v, n_mode_bytes, n_ref, n_embed, n_release = _STATE_HEADER.unpack(
-            data[: _STATE_HEADER.size].tobytes()
-        )
+        header = _STATE_HEADER.unpack(data[: _STATE_HEADER.size].tobytes())
+        fmt, width, from_v, to_v, n_mode_bytes, n_ref, n_embed, n_release, n_refit = header
         if fmt != _STATE_FORMAT:
             raise WireFormatError(f"state blob has format {fmt}, expected {_STATE_FORMAT}")
+        if width not in _COEFFICIENT_DTYPES:
+            raise WireFormatError(f"state blob has coefficients of {width} bytes, not 2 or 4")
+        dtype = _COEFFICIENT_DTYPES[width]
         cursor = _STATE_HEADER.size
 
         def take(size: int, what: str) -> np.ndarray:
@@ -568,12 +590,17 @@ class StateDelta:
         if n_ref:
             ref_set = decode_index_set(take(n_ref, "references"), universe)
             references = _order_references(ref_set, modes)
+
+        def coefficients(count: int, what: str) -> np.ndarray:
+            raw = take(width * count, what)
+            return raw.view(dtype).astype(np.float32)
+
         embed = decode_index_set(take(n_embed, "embed indices"), universe)
-        a, b = unpack_tensors(
-            take(8 * embed.size, "coefficients"),
-            [((embed.size,), np.dtype(np.float32)), ((embed.size,), np.dtype(np.float32))],
-        )
+        a = coefficients(embed.size, "coefficients a")
+        b = coefficients(embed.size, "coefficients b")
         release = decode_index_set(take(n_release, "release indices"), universe)
+        refit = decode_index_set(take(n_refit, "refit indices"), universe)
+        refit_b = coefficients(refit.size, "refit offsets")
         if cursor != data.size:
             raise WireFormatError(f"state blob has {data.size - cursor} trailing bytes")
         delta = cls(
@@ -585,9 +612,17 @@ class StateDelta:
             release_indices=release,
             modes=modes,
             references=references,
+            refit_indices=refit,
+            refit_b=refit_b,
         )
         _validate_state(delta, universe, n_modes)
         return delta
+
+
+def _exact_in_float16(values: np.ndarray) -> bool:
+    """Whether float16 holds every value exactly (then the coefficients travel in 2 bytes)."""
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(values.astype(np.float16).astype(np.float32), values))
 
 
 def _encode_set(indices: np.ndarray, universe: int) -> bytes:
@@ -624,20 +659,28 @@ def _validate_state(delta: StateDelta, n_weights: int, n_modes: int) -> None:
         )
     embed = _checked_set(delta.embed_indices, n_weights, "embed indices")
     release = _checked_set(delta.release_indices, n_weights, "release indices")
+    refit = _checked_set(delta.refit_indices, n_weights, "refit indices")
     # Coefficients must be float32 already: both sides must hold bitwise-equal values, so the
     # server does the rounding once, not this module.
-    for name, coef in (("embed_a", delta.embed_a), ("embed_b", delta.embed_b)):
+    for name, coef, length in (
+        ("embed_a", delta.embed_a, embed.size),
+        ("embed_b", delta.embed_b, embed.size),
+        ("refit_b", delta.refit_b, refit.size),
+    ):
         arr = np.asarray(coef)
-        if arr.dtype != np.float32 or arr.shape != embed.shape:
+        if arr.dtype != np.float32 or arr.shape != (length,):
             raise WireFormatError(
-                f"{name} must be float32 of length {embed.size}, got {arr.dtype} {arr.shape}"
+                f"{name} must be float32 of length {length}, got {arr.dtype} {arr.shape}"
             )
         if not np.all(np.isfinite(arr)):
             raise WireFormatError(f"{name} has non-finite values (NaN or Inf)")
     if _overlap(embed, release):
         raise WireFormatError("a weight is both embedded and released in one delta")
+    if _overlap(refit, embed) or _overlap(refit, release):
+        raise WireFormatError("a re-fit weight is also embedded or released in the delta")
     if delta.from_version == delta.to_version:
-        if embed.size or release.size or delta.modes is not None or delta.references is not None:
+        changes = embed.size or release.size or refit.size
+        if changes or delta.modes is not None or delta.references is not None:
             raise WireFormatError("an empty delta (from == to) must carry nothing")
         return
     if delta.from_version > 0:
@@ -647,8 +690,8 @@ def _validate_state(delta: StateDelta, n_weights: int, n_modes: int) -> None:
     # Full state.
     if delta.modes is None or delta.references is None:
         raise WireFormatError("a full state (from 0) must carry mode ids and references")
-    if release.size:
-        raise WireFormatError("a full state cannot release weights")
+    if release.size or refit.size:
+        raise WireFormatError("a full state cannot release or re-fit weights")
     modes = np.asarray(delta.modes)
     if modes.dtype != np.uint8 or modes.shape != (n_weights,):
         raise WireFormatError(

@@ -177,6 +177,7 @@ class RunSettings:
             refresh_tolerance=self.cmd_refresh_tolerance,
             refresh_refit=self.cmd_refresh_refit,
             refresh_refill=self.cmd_refresh_refill,
+            half_coefficients=self.codec != "none",  # a lossy run needs no float32 a, b
         )
 
     def results_root(self) -> Path:

@@ -88,6 +88,10 @@ class CMDOptions:
     refresh_refill : bool
         Whether later events may embed other weights in the place of released ones. Default
         False: a release lowers the embedded share for good.
+    half_coefficients : bool
+        Round the frozen coefficients ``a``, ``b`` to float16 when they are set, so they travel
+        in 2 bytes each (`EmbeddingState.round_coefficients`). Default False; the run config
+        turns it on with a lossy codec.
     """
 
     selection_rule: str = "stability+fit"
@@ -101,6 +105,7 @@ class CMDOptions:
     refresh_max_fraction: float = 0.1
     refresh_refit: bool = True
     refresh_refill: bool = False
+    half_coefficients: bool = False
 
 
 class CMDStrategy(FlatModelStrategy):
@@ -372,6 +377,7 @@ class CMDStrategy(FlatModelStrategy):
     def _start_embedding(self, server_round: int) -> None:
         fit = self.online.fit
         self.state = EmbeddingState(fit.modes, fit.references, version=1)
+        self.state.round_coefficients = self.options.half_coefficients
         self.history = EmbeddingHistory(self.state)
         self._start_selector(fit)
         sizes = np.bincount(fit.modes, minlength=fit.n_modes)
@@ -474,6 +480,7 @@ class CMDStrategy(FlatModelStrategy):
         self.online.load_arrays(unprefixed("online", arrays))
         if "state.modes" in arrays:
             self.state = EmbeddingState.from_arrays(unprefixed("state", arrays))
+            self.state.round_coefficients = self.options.half_coefficients
             self.history = EmbeddingHistory(self.state)
             self.history.load_arrays(unprefixed("history", arrays))
             self._start_selector(self.online.fit)
@@ -537,7 +544,7 @@ class CMDStrategy(FlatModelStrategy):
             self.global_flat[released] = trained[np.searchsorted(embedded, released)]
         if released.size or refit.size:
             self.state.version += 1
-            self.history.record(self.state.version, np.union1d(released, refit))
+            self.history.record(self.state.version, released, refit=refit)
             self.state.project(self.global_flat)
         self.refresh_events.append(
             {

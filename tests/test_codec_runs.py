@@ -42,9 +42,13 @@ def test_int8_replies_are_coded_smaller_and_the_model_still_learns(
     # CMD's state deltas travel as they are).
     down_ratio = coded.summary["total_bytes_down"] / plain.summary["total_bytes_down"]
     assert down_ratio < {"fedavg": 0.45, "cmd": 0.65}[strategy]
-    assert uplink_only.summary["total_bytes_down"] == pytest.approx(
-        plain.summary["total_bytes_down"], rel=0.01
-    )
+    # Uplink only: FedAvg's downlink is unchanged; CMD's is a little smaller, since under a
+    # lossy codec its state deltas carry the coefficients in float16.
+    up_only_ratio = uplink_only.summary["total_bytes_down"] / plain.summary["total_bytes_down"]
+    if strategy == "fedavg":
+        assert up_only_ratio == pytest.approx(1.0, abs=0.01)
+    else:
+        assert 0.8 < up_only_ratio < 0.99
 
 
 def test_the_server_averages_exactly_what_the_blobs_decode_to(tmp_path: Path) -> None:

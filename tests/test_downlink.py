@@ -149,6 +149,13 @@ def test_coded_training_messages_reach_every_client_bitwise(
             assert kind == CODED_DENSE
         else:
             assert kind == coded
+    # Under a lossy codec CMD's state deltas carry a and b in float16 (the width byte).
+    widths = {
+        int(e.instruction.content.array_records[CMD_STATE]["cmd-state"].numpy()[1])
+        for e in grid.exchanges
+        if CMD_STATE in e.instruction.content.array_records
+    }
+    assert widths == (set() if strategy == "fedavg" else {2})
     # The server's public model is what the last round's clients rebuilt and trained on.
     public = outcome.strategy.downlink
     assert public is not None and public.flat is not None and public.version == 5
