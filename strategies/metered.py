@@ -121,9 +121,9 @@ class MeteredFedAvg(FedAvg):
         would wreck the average). Default 1e6.
 
     Besides, a node that replies twice in a round has all its replies dropped, a node that was
-    not sampled is not heard, and a reply may be at most as large as the round's largest
-    downlink payload plus what the protocol adds to replies (``extra_reply_bytes``) and
-    ``REPLY_ALLOWANCE`` for metrics.
+    not sampled is not heard, and a reply may be at most as large as the larger of the round's
+    largest downlink payload and a coded reply's size (``coded_reply_bytes``), plus what the
+    protocol adds to replies (``extra_reply_bytes``) and ``REPLY_ALLOWANCE`` for metrics.
     """
 
     def __init__(
