@@ -467,14 +467,26 @@ def codec_pairs(methods: Sequence[str]) -> list[tuple[str, str, str]]:
     return pairs
 
 
+def mb_to_reach(curve: dict[str, list[float]], accuracy: float) -> float | None:
+    """Cumulative MB of the first round whose mean accuracy is at least ``accuracy`` (None if
+    no round reaches it)."""
+    for reached, mb in zip(curve["accuracy"], curve["cumulative_mb"], strict=True):
+        if reached >= accuracy - 1e-12:
+            return mb
+    return None
+
+
 def _codec_pair(
     codec: str,
     fedavg: str,
     cmd: str,
     means: dict[str, tuple[float, float]],
     label: dict[str, str],
+    fedavg_curve: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
-    """CMD + codec against FedAvg + codec on mean total MB and mean final accuracy."""
+    """CMD + codec against FedAvg + codec on mean total MB and mean final accuracy, and on
+    the MB FedAvg + codec had sent when its mean accuracy first reached CMD + codec's final
+    one (``fedavg_mb_at_cmd_accuracy``; the run-long comparison at equal accuracy)."""
     found: dict[str, Any] = {"codec": codec, "fedavg": fedavg, "cmd": cmd}
     if cmd not in means or fedavg not in means:
         missing = " and ".join(label[m] for m in (cmd, fedavg) if m not in means)
@@ -483,6 +495,8 @@ def _codec_pair(
             **dict.fromkeys(("cmd_mb", "fedavg_mb", "cmd_accuracy", "fedavg_accuracy")),
             "bytes_ratio": None,
             "accuracy_diff_points": None,
+            "fedavg_mb_at_cmd_accuracy": None,
+            "bytes_ratio_at_equal_accuracy": None,
             "target_met": None,
             "line": f"{label[cmd]} vs {label[fedavg]}: no finished runs of {missing}",
         }
@@ -497,6 +511,15 @@ def _codec_pair(
     if not few_bytes:
         problems.append(f"{ratio:.2f} x the bytes is above {PARETO_MAX_BYTES_RATIO:.2f} x")
     verdict = "target met" if not problems else "target not met: " + "; ".join(problems)
+    reach = None if fedavg_curve is None else mb_to_reach(fedavg_curve, c_acc)
+    equal = None if reach is None else c_mb / reach
+    if reach is None:
+        reach_line = f"{label[fedavg]}'s mean curve never reaches {100 * c_acc:.2f} %"
+    else:
+        reach_line = (
+            f"{label[fedavg]} first reaches {100 * c_acc:.2f} % after {reach:.3f} MB: "
+            f"{equal:.2f} x the bytes at equal accuracy"
+        )
     return {
         **found,
         "cmd_mb": c_mb,
@@ -505,11 +528,13 @@ def _codec_pair(
         "fedavg_accuracy": f_acc,
         "bytes_ratio": ratio,
         "accuracy_diff_points": diff,
+        "fedavg_mb_at_cmd_accuracy": reach,
+        "bytes_ratio_at_equal_accuracy": equal,
         "target_met": equal_accuracy and few_bytes,
         "line": (
             f"{label[cmd]}: {c_mb:.3f} MB at {100 * c_acc:.2f} % vs {label[fedavg]}: "
             f"{f_mb:.3f} MB at {100 * f_acc:.2f} %: {ratio:.2f} x the bytes, "
-            f"{diff:+.2f} points; {verdict}"
+            f"{diff:+.2f} points; {verdict}. {reach_line}"
         ),
     }
 
@@ -545,7 +570,7 @@ def evaluate_pareto(
             },
             "front": front,
             "pairs": [
-                _codec_pair(codec, fedavg, cmd, means, label)
+                _codec_pair(codec, fedavg, cmd, means, label, by_method[fedavg].get("curves"))
                 for codec, fedavg, cmd in codec_pairs(list(by_method))
             ],
             "max_bytes_ratio": PARETO_MAX_BYTES_RATIO,

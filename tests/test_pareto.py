@@ -133,15 +133,25 @@ def test_pareto_front_ratios_and_verdicts_are_measured() -> None:
         assert pairs[codec]["target_met"] is met, codec
     assert pairs["none"]["line"] == (
         "CMD: 0.550 MB at 81.50 % vs FedAvg: 1.100 MB at 81.00 %: 0.50 x the bytes, "
-        "+0.50 points; target met"
+        "+0.50 points; target met. FedAvg's mean curve never reaches 81.50 %"
     )
+    assert (
+        "0.40 x the bytes, -1.00 points; target not met: not at equal accuracy: -1.00 points. "
+        in pairs["int8"]["line"]
+    )
+    # At equal accuracy: FedAvg + int8's mean curve (0.267, 0.533, 0.800 over 3 rounds of
+    # 1/3 MB) first reaches CMD + int8's 0.79 after all 1.0 MB.
+    assert pairs["int8"]["fedavg_mb_at_cmd_accuracy"] == pytest.approx(1.0)
+    assert pairs["int8"]["bytes_ratio_at_equal_accuracy"] == pytest.approx(0.40)
     assert pairs["int8"]["line"].endswith(
-        "0.40 x the bytes, -1.00 points; target not met: not at equal accuracy: -1.00 points"
+        "first reaches 79.00 % after 1.000 MB: 0.40 x the bytes at equal accuracy"
     )
+    assert pairs["none"]["bytes_ratio_at_equal_accuracy"] is None
     assert pairs["int8"]["line"].startswith("CMD + int8: ")
     assert " vs FedAvg + int8: " in pairs["int8"]["line"]
-    assert pairs["topk"]["line"].endswith(
-        "0.80 x the bytes, +0.20 points; target not met: 0.80 x the bytes is above 0.60 x"
+    assert (
+        "0.80 x the bytes, +0.20 points; target not met: 0.80 x the bytes is above 0.60 x. "
+        in pairs["topk"]["line"]
     )
 
 
@@ -154,15 +164,23 @@ def test_pair_verdict_at_the_boundaries() -> None:
 
     # Exactly 0.6 x the bytes at exactly equal accuracy (0.7 + 0.1 is 0.7999...): met.
     at_limit = pair((600 / MB, 0.7 + 0.1), (1000 / MB, 0.8))
-    assert at_limit["target_met"] is True and at_limit["line"].endswith("target met")
+    assert at_limit["target_met"] is True and "; target met." in at_limit["line"]
     # Just above 0.6 x: not met.
     above = pair((601 / MB, 0.9), (1000 / MB, 0.8))
     assert above["target_met"] is False
-    assert above["line"].endswith("target not met: 0.60 x the bytes is above 0.60 x")
+    assert "target not met: 0.60 x the bytes is above 0.60 x." in above["line"]
     # Both wrong: both reasons.
     both = pair((900 / MB, 0.75), (1000 / MB, 0.8))
     assert both["target_met"] is False
     assert "not at equal accuracy: -5.00 points; 0.90 x the bytes is above 0.60 x" in both["line"]
+
+
+def test_mb_to_reach_is_the_first_round_at_the_accuracy() -> None:
+    curve = {"accuracy": [0.5, 0.7, 0.69, 0.8], "cumulative_mb": [1.0, 2.0, 3.0, 4.0]}
+    assert report.mb_to_reach(curve, 0.7) == 2.0
+    assert report.mb_to_reach(curve, 0.75) == 4.0
+    assert report.mb_to_reach(curve, 0.81) is None
+    assert report.mb_to_reach({"accuracy": [], "cumulative_mb": []}, 0.1) is None
 
 
 # ----------------------------------------------------------------------------- the report
