@@ -523,6 +523,29 @@ def test_ledger_total_matches_flowers_traffic_counter(tls_run: DeployedRun) -> N
     assert traffic["flower"]["outbound_bytes"] >= 0.98 * ledger["wire_down"]
 
 
+# --------------------------------------------------------------------------- a coded run
+
+
+def test_a_coded_run_keeps_both_nodes_in_step_over_tls(federation: Federation) -> None:
+    # int8 both ways: each SuperNode keeps the model it was sent in context.state and decodes
+    # the next round's delta against it; any mismatch would be a rejected checksum.
+    log = federation.deployment.root / "run-int8.log"
+    config = f"{RUN_CONFIG} codec='int8' results-dir='{federation.results}' run-name='deploy-int8'"
+    started = time.monotonic()
+    process = federation.deployment.flwr_run(config, log)
+    run = finish_run(federation, process, log, "deploy-int8", RUN_TIMEOUT_S, started)
+
+    assert run.returncode == 0, run.output[-4000:]
+    assert run.summary["rejected_replies"]["total"] == 0, run.summary["rejected_replies"]
+    first, second = down_bytes(run.ledger, 1), down_bytes(run.ledger, 2)
+    assert set(first) == set(second) == {node.node_id for node in federation.nodes}
+    # Round 1 sends the model as it is; round 2 (still warm-up) its int8 delta.
+    for node, size in second.items():
+        assert size < 0.45 * first[node], (first, second)
+    assert run.summary["final_accuracy"] > 0.15
+    assert abs(run.traffic["relative_difference"]) <= TRAFFIC_TOLERANCE, run.traffic_output
+
+
 # --------------------------------------------------------------------------- the crash
 
 
