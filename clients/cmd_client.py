@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from cmd_fl.codec import CodecSpec
 from cmd_fl.coded import CODED_UPDATE, CodedUpdate, codec_from_config, encode_update
 from cmd_fl.downlink import CODED_CMD, CODED_DENSE, held_public, store_public
 from cmd_fl.embedding import EmbeddingState
@@ -130,11 +129,9 @@ class CMDClient:
         config = content.config_records[CONFIG]
         codec = codec_from_config(config)
         if CODED_DENSE in content.array_records:
-            coded, spec = self._coded_model(content, CODED_DENSE, codec)
-            base = held_public(context.state, self._public_key, config, self.layout.n_weights)
-            values = coded.values(spec, base)
+            values, extras_blob = self._decoded(content, CODED_DENSE, context, lambda held: held)
             self.layout.load_into(
-                self.model, values, unpack_tensors(coded.extras, self._extras_specs)
+                self.model, values, unpack_tensors(extras_blob, self._extras_specs)
             )
         else:
             arrays = content.array_records[DENSE_MODEL]
@@ -213,13 +210,22 @@ class CMDClient:
     def _public_key(self) -> str:
         return self.state_key + ".public"
 
-    def _coded_model(
-        self, content: RecordDict, name: str, codec: CodecSpec | None
-    ) -> tuple[CodedUpdate, CodecSpec]:
-        """The coded model record ``name`` of a message, checked, and the codec it names."""
+    def _decoded(
+        self,
+        content: RecordDict,
+        name: str,
+        context: Context,
+        base_of: Callable[[np.ndarray], np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The values of the coded model record ``name``: ``base + decode(blob)``, the base
+        taken by ``base_of`` from the public model this client holds; and the packed extras."""
+        config = content.config_records[CONFIG]
+        codec = codec_from_config(config)
         if codec is None:
             raise ValueError(f"the message carries {name!r} but names no codec")
-        return CodedUpdate.from_record(content.array_records[name], self._extras_bytes), codec
+        coded = CodedUpdate.from_record(content.array_records[name], self._extras_bytes)
+        held = held_public(context.state, self._public_key, config, self.layout.n_weights)
+        return coded.values(codec, base_of(held)), coded.extras
 
     def _cmd_model(
         self, content: RecordDict, state: EmbeddingState, context: Context | None = None
@@ -235,13 +241,11 @@ class CMDClient:
             )
         if context is None:
             raise ValueError("a coded CMD message needs the node's context")
-        config = content.config_records[CONFIG]
-        codec = codec_from_config(config)
-        coded, spec = self._coded_model(content, CODED_CMD, codec)
-        held = held_public(context.state, self._public_key, config, self.layout.n_weights)
-        values = coded.values(spec, np.concatenate(state.split(held)))
+        values, extras_blob = self._decoded(
+            content, CODED_CMD, context, lambda held: np.concatenate(state.split(held))
+        )
         n_free = state.free_indices.size
-        return CMDModel(values[:n_free], values[n_free:], coded.extras)
+        return CMDModel(values[:n_free], values[n_free:], extras_blob)
 
     def _load_cmd_model(self, model: CMDModel, state: EmbeddingState) -> np.ndarray:
         """Load a CMD model (embedded weights rebuilt) into the torch model; returns it flat."""

@@ -43,7 +43,8 @@ Assemble = Callable[[np.ndarray], np.ndarray]  # travelling values -> full flat 
 
 
 class PublicModel:
-    """The server's side of the coded downlink: the public model, its version and residual.
+    """The server's side of the coded downlink: the public model, its version, and which
+    nodes hold which version (no residual: see the module's docstring).
 
     Parameters
     ----------
@@ -144,7 +145,8 @@ class PublicModel:
 
 
 def _select(flat: np.ndarray, indices: np.ndarray | None) -> np.ndarray:
-    return flat.astype(np.float32) if indices is None else flat[indices].astype(np.float32)
+    selected = flat if indices is None else flat[indices]
+    return selected.astype(np.float32, copy=False)  # read only: no copy needed
 
 
 # --- the client's side ----------------------------------------------------------------------

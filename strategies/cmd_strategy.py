@@ -28,7 +28,6 @@ from cmd_fl.payload import (
     CMD_STATE,
     CONFIG,
     METRICS,
-    MODEL_CHECKSUM,
     N_MODES,
     PROBE,
     STATE_VERSION,
@@ -356,12 +355,9 @@ class CMDStrategy(FlatModelStrategy):
         """Record a node whose reply trained on exactly the round's model (state version and
         checksum): it holds the current state, whether or not the reply is then accepted."""
         assert self.state is not None
-        if reply.has_error() or METRICS not in reply.content.metric_records:
+        if not self._proves_model(server_round, reply):
             return
-        raw = reply.content.metric_records[METRICS]
-        sent = self.sent_checksums.get(server_round)
-        in_step = sent is not None and raw.get(MODEL_CHECKSUM) == sent
-        if in_step and raw.get(STATE_VERSION) == self.state.version:
+        if reply.content.metric_records[METRICS].get(STATE_VERSION) == self.state.version:
             node = reply.metadata.src_node_id
             self.node_versions[node] = self.state.version
             self._in_step[node] = server_round
