@@ -9,14 +9,20 @@ from formulas:
   Arrays, ArrayChunks). Flower 1.42 does not compress them; this is what the SuperLink counts
   for object pushes (uplink) and pulls (downlink) on the Fleet API;
 - control: the Fleet API protobuf request and response that carry the message's metadata and
-  object tree (``PullMessages`` down, ``PushMessages`` up). The SuperLink counts these too, so
-  ``wire + control`` summed over a run is what ``flwr ls --run-id N`` reports as total traffic.
-  Per direction the two differ by design: Flower books every request as inbound and every
-  response as outbound, whereas a row's control bytes are its message's request and response
-  together (docs/deployment.md). Neither counts heartbeats, GetRun, GetFab or
-  ConfirmMessageReceived, nor a reply the SuperLink writes itself (NODE_UNAVAILABLE).
+  object tree (``PullMessages`` for an instruction, ``PushMessages`` for a reply). A request
+  travels up (client to SuperLink) and a response down, whatever the message's own direction,
+  so each row keeps the two apart (``control_up_bytes``, ``control_down_bytes``). The
+  SuperLink books them the same way (requests inbound, responses outbound). Neither side
+  counts heartbeats, GetRun, GetFab or ConfirmMessageReceived, nor a reply the SuperLink writes
+  itself (NODE_UNAVAILABLE).
 
-Wire bytes are the headline number. Checked against a deployed SuperLink (two SuperNodes, two
+A row also says how many of its wire bytes carried CMD state (``state_bytes``: the objects of
+the ``cmd-state`` record), so state and model traffic can be told apart.
+
+The headline number is what crossed the network: ``bytes_up`` = wire bytes of replies plus all
+requests, ``bytes_down`` = wire bytes of instructions plus all responses (`ByteLedger.totals`).
+Summed over a run that is what ``flwr ls --run-id N`` reports as network traffic, per direction
+(inbound, outbound) and in total. Checked against a deployed SuperLink (two SuperNodes, two
 rounds, ``flwr ls`` network-traffic): downlink objects and control bytes agreed to the byte.
 Uplink too, except for content-addressed deduplication: the SuperLink does not ask for an
 object it already holds (e.g. a reply's ``MetricRecord`` identical to another client's reply
@@ -56,16 +62,26 @@ from flwr.supercore.inflatable.inflatable_object import (
     iterate_object_tree,
 )
 
+from cmd_fl.payload import CMD_STATE as STATE_RECORD  # the record a StateDelta travels in
+
 __all__ = [
+    "BYTE_COUNTING",
+    "STATE_RECORD",
     "ByteLedger",
     "Direction",
     "LedgerRow",
     "Phase",
     "message_control_bytes",
+    "message_control_split",
     "message_payload_bytes",
+    "message_record_wire_bytes",
     "message_wire_bytes",
     "saved_fraction",
 ]
+
+# What a summary's byte totals count (``summary.json`` ``byte_counting``): wire and control bytes.
+# Summaries without it counted wire bytes only.
+BYTE_COUNTING = "network"
 
 Phase = Literal["train", "evaluate", "query"]
 Direction = Literal["down", "up"]
@@ -151,10 +167,19 @@ def message_wire_bytes(message: Message, direction: Direction | None = None) -> 
 def message_control_bytes(message: Message, direction: Direction | None = None) -> int:
     """Return the bytes of the Fleet API protobufs that carry `message`'s metadata and tree.
 
-    Downlink: ``PullMessagesRequest`` plus the ``PullMessagesResponse`` holding the message.
-    Uplink: ``PushMessagesRequest`` plus ``PushMessagesResponse`` (which lists the objects to
-    push). Built as the SuperNode and SuperLink build them, with ``message_id`` set to the
-    message's object id as Flower does on the way.
+    The sum of `message_control_split`: request plus response.
+    """
+    up, down = message_control_split(message, direction)
+    return up + down
+
+
+def message_control_split(message: Message, direction: Direction | None = None) -> tuple[int, int]:
+    """Return the Fleet API control bytes of `message` as ``(up, down)``.
+
+    Downlink: ``PullMessagesRequest`` (up) and the ``PullMessagesResponse`` holding the message
+    (down). Uplink: ``PushMessagesRequest`` (up) and ``PushMessagesResponse`` (down, it lists
+    the objects to push). Built as the SuperNode and SuperLink build them, with ``message_id``
+    set to the message's object id as Flower does on the way.
 
     Parameters
     ----------
@@ -165,8 +190,8 @@ def message_control_bytes(message: Message, direction: Direction | None = None) 
 
     Returns
     -------
-    int
-        Protobuf ``ByteSize()`` of the request and the response.
+    tuple[int, int]
+        Protobuf ``ByteSize()`` of the request (client to SuperLink) and of the response.
     """
     message_id = message.object_id
     proto = message_to_proto(remove_content_from_message(message))  # a fresh proto
@@ -175,7 +200,7 @@ def message_control_bytes(message: Message, direction: Direction | None = None) 
     if _direction_of(message, direction) == "down":
         pull_request = PullMessagesRequest(node=Node(node_id=message.metadata.dst_node_id))
         pull_response = PullMessagesResponse(messages_list=[proto], message_object_trees=[tree])
-        return int(pull_request.ByteSize() + pull_response.ByteSize())
+        return int(pull_request.ByteSize()), int(pull_response.ByteSize())
     push_request = PushMessagesRequest(
         node=Node(node_id=message.metadata.src_node_id),
         messages_list=[proto],
@@ -188,7 +213,26 @@ def message_control_bytes(message: Message, direction: Direction | None = None) 
         objects_to_push=[node.object_id for node in iterate_object_tree(tree)],
         session_id="0" * _SESSION_ID_LENGTH,
     )
-    return int(push_request.ByteSize() + push_response.ByteSize())
+    return int(push_request.ByteSize()), int(push_response.ByteSize())
+
+
+def message_record_wire_bytes(message: Message, name: str) -> int:
+    """Return the wire bytes of one record of `message` (0 when it has no such record).
+
+    The deflated record and every object under it (Arrays, chunks), counted as an instruction
+    is pulled (`message_wire_bytes`, direction "down").
+
+    Parameters
+    ----------
+    message : Message
+        The message.
+    name : str
+        The record's key in the message content.
+    """
+    if not message.has_content() or name not in message.content:
+        return 0
+    record = message.content[name]
+    return sum(size for _, size in _tree_object_sizes(record.object_id, record))
 
 
 def saved_fraction(spent: int | float, baseline: int | float) -> float:
@@ -207,6 +251,16 @@ def saved_fraction(spent: int | float, baseline: int | float) -> float:
         The saving as a fraction, e.g. 0.75 for a quarter of the baseline's bytes.
     """
     return 1.0 - spent / baseline if baseline else 0.0
+
+
+_BYTE_COLUMNS = (
+    "payload_bytes",
+    "wire_bytes",
+    "control_up_bytes",
+    "control_down_bytes",
+    "state_bytes",
+)
+_INT_COLUMNS = frozenset(("round", "node_id", *_BYTE_COLUMNS))
 
 
 @dataclass(frozen=True)
@@ -228,9 +282,13 @@ class LedgerRow:
     payload_bytes : int
         Records' own byte counts (`message_payload_bytes`).
     wire_bytes : int
-        Deflated objects transferred (`message_wire_bytes`).
-    control_bytes : int, default 0
-        Fleet API protobuf request and response (`message_control_bytes`).
+        Deflated objects transferred (`message_wire_bytes`), in the message's direction.
+    control_up_bytes : int, default 0
+        The Fleet API request that carried the message (client to SuperLink).
+    control_down_bytes : int, default 0
+        The Fleet API response (SuperLink to client), see `message_control_split`.
+    state_bytes : int, default 0
+        Of `wire_bytes`, those of the CMD state record (`message_record_wire_bytes`).
     """
 
     round: int
@@ -240,7 +298,9 @@ class LedgerRow:
     kind: str
     payload_bytes: int
     wire_bytes: int
-    control_bytes: int = 0
+    control_up_bytes: int = 0
+    control_down_bytes: int = 0
+    state_bytes: int = 0
 
     def __post_init__(self) -> None:
         """Reject rows that cannot be right."""
@@ -248,23 +308,43 @@ class LedgerRow:
             raise ValueError(f"phase must be one of {_PHASES}, got {self.phase!r}")
         if self.direction not in _DIRECTIONS:
             raise ValueError(f"direction must be one of {_DIRECTIONS}, got {self.direction!r}")
-        for name in ("round", "node_id", "payload_bytes", "wire_bytes", "control_bytes"):
+        for name in _INT_COLUMNS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if min(self.payload_bytes, self.wire_bytes, self.control_bytes) < 0:
+        if min(getattr(self, name) for name in _BYTE_COLUMNS) < 0:
             raise ValueError("byte counts must be non-negative")
+        if self.state_bytes > self.wire_bytes:
+            raise ValueError("state_bytes cannot exceed wire_bytes")
+
+    @property
+    def control_bytes(self) -> int:
+        """Both Fleet API protobufs of the message: request plus response."""
+        return self.control_up_bytes + self.control_down_bytes
+
+    @property
+    def network_up(self) -> int:
+        """Bytes this message moved from the client to the SuperLink (wire and control)."""
+        return (self.wire_bytes if self.direction == "up" else 0) + self.control_up_bytes
+
+    @property
+    def network_down(self) -> int:
+        """Bytes this message moved from the SuperLink to the client (wire and control)."""
+        return (self.wire_bytes if self.direction == "down" else 0) + self.control_down_bytes
 
 
 _COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(LedgerRow))
-_INT_COLUMNS = frozenset(("round", "node_id", "payload_bytes", "wire_bytes", "control_bytes"))
 _TOTAL_KEYS = (
     "bytes_up",
     "bytes_down",
-    "payload_up",
-    "payload_down",
+    "wire_up",
+    "wire_down",
     "control_up",
     "control_down",
+    "state_up",
+    "state_down",
+    "payload_up",
+    "payload_down",
     "messages_up",
     "messages_down",
 )
@@ -315,6 +395,7 @@ class ByteLedger:
         node_id: int,
         message: Message,
         kind: str = "message",
+        state_record: str | None = STATE_RECORD,
     ) -> LedgerRow:
         """Measure a real message and add its row.
 
@@ -334,6 +415,8 @@ class ByteLedger:
             network: wire and control 0.
         kind : str, default "message"
             What the message carried.
+        state_record : str | None, default "cmd-state"
+            The content record whose wire bytes count as state (None: no state).
 
         Returns
         -------
@@ -342,11 +425,12 @@ class ByteLedger:
         """
         payload = message_payload_bytes(message.content) if message.has_content() else 0
         wire = message_wire_bytes(message, direction)
-        control = message_control_bytes(message, direction)
+        control_up, control_down = message_control_split(message, direction)
+        state = message_record_wire_bytes(message, state_record) if state_record else 0
         if direction == "up" and message.metadata.src_node_id == SUPERLINK_NODE_ID:
             # The SuperLink wrote this reply itself (an error such as NODE_UNAVAILABLE for a
             # node that stopped sending heartbeats): nothing crossed the Fleet API.
-            wire = control = 0
+            wire = control_up = control_down = state = 0
         row = LedgerRow(
             round=int(round),
             phase=phase,
@@ -355,7 +439,9 @@ class ByteLedger:
             kind=kind,
             payload_bytes=payload,
             wire_bytes=wire,
-            control_bytes=control,
+            control_up_bytes=control_up,
+            control_down_bytes=control_down,
+            state_bytes=state,
         )
         self.append(row)
         return row
@@ -381,8 +467,12 @@ class ByteLedger:
         Returns
         -------
         dict[str, int]
-            ``bytes_up``/``bytes_down`` (wire), ``payload_up``/``payload_down``,
-            ``control_up``/``control_down`` and ``messages_up``/``messages_down``.
+            ``bytes_up``/``bytes_down``: what crossed the network each way (wire and control,
+            see `LedgerRow.network_up`); ``wire_up``/``wire_down``: the objects of replies and
+            of instructions; ``control_up``/``control_down``: the Fleet API requests and
+            responses; ``state_up``/``state_down``: wire bytes of CMD state;
+            ``payload_up``/``payload_down`` and ``messages_up``/``messages_down`` by the
+            messages' direction.
         """
         out = dict.fromkeys(_TOTAL_KEYS, 0)
         for row in self._rows:
@@ -392,27 +482,31 @@ class ByteLedger:
                 continue
             if node_id is not None and row.node_id != node_id:
                 continue
-            out[f"bytes_{row.direction}"] += row.wire_bytes
+            out["bytes_up"] += row.network_up
+            out["bytes_down"] += row.network_down
+            out[f"wire_{row.direction}"] += row.wire_bytes
+            out["control_up"] += row.control_up_bytes
+            out["control_down"] += row.control_down_bytes
+            out[f"state_{row.direction}"] += row.state_bytes
             out[f"payload_{row.direction}"] += row.payload_bytes
-            out[f"control_{row.direction}"] += row.control_bytes
             out[f"messages_{row.direction}"] += 1
         return out
 
     def total_bytes(self) -> int:
-        """Return the wire bytes up plus down: what the project reports as "total" bytes."""
+        """Return what crossed the network, both ways: the project's "total" bytes."""
         totals = self.totals()
         return totals["bytes_up"] + totals["bytes_down"]
 
     def saved_vs(self, baseline: ByteLedger | int) -> float:
-        """Return the fraction of wire bytes saved against a baseline run.
+        """Return the fraction of network bytes saved against a baseline run.
 
-        Wire bytes (up plus down) are the headline number, as in ``summary.json``'s
-        ``total_bytes_up``/``total_bytes_down`` and the comparison report.
+        Network bytes (wire and control, up plus down) are the headline number, as in
+        ``summary.json``'s ``total_bytes_up``/``total_bytes_down`` and the comparison report.
 
         Parameters
         ----------
         baseline : ByteLedger | int
-            The reference run's ledger, or its total wire bytes.
+            The reference run's ledger, or its total network bytes.
 
         Returns
         -------

@@ -6,12 +6,11 @@
 asks the SuperLink (``flwr ls NAME --run-id N --format json``, with the connection from
 ``$FLWR_HOME/config.toml``) for the run's network traffic, writes ``DIR/flower_traffic.json``
 with Flower's numbers next to the ledger's, prints both, and exits with status 1 when the
-totals differ by more than ``--tolerance`` (default 2 %).
+totals, or either direction, differ by more than ``--tolerance`` (default 2 %).
 
-Totals are what compare: Flower books each Fleet API request as inbound and each response as
-outbound, while the ledger books a message's request and response together with the message's
-direction (a pulled instruction's small request is "down", a pushed reply's response that lists
-the objects to push is "up"). See docs/deployment.md.
+Both sides count by where bytes travel: Flower books each Fleet API request as inbound and each
+response as outbound, and the ledger's "up" is the reply objects plus every request, "down" the
+instruction objects plus every response. See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -66,8 +65,9 @@ def compare(
     Returns
     -------
     dict
-        ``flower`` (inbound/outbound/total bytes), ``ledger`` (wire and control per direction,
-        total), ``relative_difference`` (ledger total / Flower total - 1) and ``agree``.
+        ``flower`` (inbound/outbound/total bytes), ``ledger`` (network bytes up and down, their
+        wire and control parts, total), ``relative_difference`` (ledger total / Flower total
+        - 1), the same per direction, and ``agree`` (every difference within `tolerance`).
     """
     traffic = run_info["network-traffic"]
     flower = {
@@ -76,31 +76,39 @@ def compare(
         "total_bytes": int(traffic["total-bytes"]),
     }
     totals = ledger.totals()
-    ledger_total = sum(
-        totals[key] for key in ("bytes_up", "bytes_down", "control_up", "control_down")
-    )
-    difference = ledger_total / flower["total_bytes"] - 1.0 if flower["total_bytes"] else 1.0
+    mine = {"inbound_bytes": totals["bytes_up"], "outbound_bytes": totals["bytes_down"]}
+    mine["total_bytes"] = mine["inbound_bytes"] + mine["outbound_bytes"]
+    differences = {key: _relative(mine[key], flower[key]) for key in flower}
     return {
         "run_id": str(run_info["run-id"]),
         "status": run_info.get("status"),
         "flower": flower,
         "ledger": {
-            "wire_up": totals["bytes_up"],
-            "wire_down": totals["bytes_down"],
+            "up_bytes": totals["bytes_up"],
+            "down_bytes": totals["bytes_down"],
+            "wire_up": totals["wire_up"],
+            "wire_down": totals["wire_down"],
             "control_up": totals["control_up"],
             "control_down": totals["control_down"],
             "messages_up": totals["messages_up"],
             "messages_down": totals["messages_down"],
-            "total_bytes": ledger_total,
+            "total_bytes": mine["total_bytes"],
         },
-        "relative_difference": difference,
+        "relative_difference": differences["total_bytes"],
+        "relative_difference_inbound": differences["inbound_bytes"],
+        "relative_difference_outbound": differences["outbound_bytes"],
         "tolerance": tolerance,
-        "agree": abs(difference) <= tolerance,
+        "agree": all(abs(d) <= tolerance for d in differences.values()),
         "note": (
-            "compare totals: Flower books requests as inbound and responses as outbound; the "
-            "ledger books each message's request and response with the message's direction"
+            "up = Flower's inbound (reply objects and every Fleet API request), down = outbound "
+            "(instruction objects and every response)"
         ),
     }
+
+
+def _relative(mine: int, flower: int) -> float:
+    """``mine / flower - 1`` (1.0 when Flower counted nothing)."""
+    return mine / flower - 1.0 if flower else 1.0
 
 
 def _flwr_executable() -> str:
@@ -131,12 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         f"outbound {flower['outbound_bytes']:,} B, total {flower['total_bytes']:,} B"
     )
     print(
-        f"  ledger: up {mine['wire_up']:,} wire + {mine['control_up']:,} control, "
-        f"down {mine['wire_down']:,} wire + {mine['control_down']:,} control, "
+        f"  ledger: up {mine['up_bytes']:,} B ({mine['wire_up']:,} wire + "
+        f"{mine['control_up']:,} control), down {mine['down_bytes']:,} B "
+        f"({mine['wire_down']:,} wire + {mine['control_down']:,} control), "
         f"total {mine['total_bytes']:,} B"
     )
     print(
-        f"  difference {100 * report['relative_difference']:+.3f} % "
+        f"  difference {100 * report['relative_difference']:+.3f} % in total, "
+        f"{100 * report['relative_difference_inbound']:+.3f} % up, "
+        f"{100 * report['relative_difference_outbound']:+.3f} % down "
         f"(tolerance {100 * args.tolerance:.1f} %): {'agree' if report['agree'] else 'DISAGREE'}"
     )
     return 0 if report["agree"] else 1

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from cmd_fl.ledger import BYTE_COUNTING
 from simulations import report
 from simulations.settings import STRATEGIES, RunSettings
 
@@ -659,13 +660,17 @@ def run_comparison(
         summary = load_summary(plan.runs_dir / spec.run_name / "summary.json")
         if summary is not None and not force:
             mismatch = config_mismatch(spec.config, summary.get("config", {}))
-            if not mismatch:
+            stale = summary.get("byte_counting") != BYTE_COUNTING
+            if not mismatch and not stale:
                 record = report.run_record(spec_meta(spec, plan), summary, read_sidecar(plan, spec))
                 records[spec.run_name] = record
                 skipped.append(spec.run_name)
                 progress.line(index, spec, f"done earlier, skipped ({describe_done(record)})")
                 continue
-            progress.line(index, spec, f"config changed ({', '.join(mismatch)}): will rerun")
+            if mismatch:
+                progress.line(index, spec, f"config changed ({', '.join(mismatch)}): will rerun")
+            else:
+                progress.line(index, spec, "wire bytes only in its totals (older run): will rerun")
         if report_only:
             progress.line(index, spec, "not run (report only)")
             continue

@@ -1,11 +1,11 @@
 """The comparison report: aggregates over seeds, targets, ``report.md``, ``results.json``, plots.
 
 Everything here reads run records (a run's ``summary.json`` plus what the driver knows about it)
-and needs no Flower: tests feed it synthetic summaries. Bytes are the ledgers' measured wire
-bytes (``summary.json`` totals); savings and accuracy differences are paired per seed with the
-FedAvg run of the same setting and seed, then averaged over seeds. The Pareto front (final
-accuracy against total MB) and its CMD + codec vs FedAvg + codec comparisons use the methods'
-means over seeds instead.
+and needs no Flower: tests feed it synthetic summaries. Bytes are what the ledgers measured
+crossing the network, wire and control bytes (``summary.json`` totals); savings and accuracy
+differences are paired per seed with the FedAvg run of the same setting and seed, then averaged
+over seeds. The Pareto front (final accuracy against total MB) and its CMD + codec vs FedAvg +
+codec comparisons use the methods' means over seeds instead.
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def run_record(
         "final_accuracy": summary["final_accuracy"],
         "total_bytes_up": int(summary["total_bytes_up"]),
         "total_bytes_down": int(summary["total_bytes_down"]),
+        "total_state_bytes": int(summary.get("total_state_bytes", 0)),
         "wall_time_s": float(summary["wall_time_s"]),
         "process_wall_s": process.get("process_wall_s"),
         "rounds_time_s": rounds_time(summary["rounds"]),
@@ -683,8 +684,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "Every run is one `scripts/run_simulation.sh` invocation: a real `flwr run` on a Ray "
         f"simulation with {meta['supernodes']} SuperNodes, the same data, partitions, seed and "
-        "rounds for every method. Bytes are the measured wire bytes of every message (each run's "
-        "`ledger.csv`; up = clients to server). Savings and accuracy differences are paired per "
+        "rounds for every method. Bytes are what crossed the network for every message, its "
+        "objects and its Fleet API requests and responses (each run's `ledger.csv`; up = "
+        "clients to server). Savings and accuracy differences are paired per "
         "seed with FedAvg: saving = 1 - (up + down) / (FedAvg up + FedAvg down). Cells are "
         "mean ± sample std over seeds (± 0 for one seed). Server wall time is the ServerApp's "
         "(`summary.json` wall_time_s); process wall time is the whole `flwr run` with SuperLink "

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from cmd_fl.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 from cmd_fl.layout import ParameterLayout
-from cmd_fl.ledger import ByteLedger, saved_fraction
+from cmd_fl.ledger import BYTE_COUNTING, ByteLedger, saved_fraction
 from simulations.data import load_dataset
 from simulations.federation import validation_dataset
 from simulations.settings import RunSettings
@@ -121,6 +121,9 @@ class RunRecorder:
             "loss": loss,
             "bytes_up": totals["bytes_up"],
             "bytes_down": totals["bytes_down"],
+            "wire_up": totals["wire_up"],
+            "wire_down": totals["wire_down"],
+            "state_bytes": totals["state_down"],
             "embedded_fraction": float(info.get("embedded_fraction", 0.0)),
             "state_version": int(info.get("state_version", 0)),
             "rejected_replies": sum(
@@ -288,8 +291,14 @@ def build_summary(
         "config": settings.to_run_config(),
         "n_weights": strategy.layout.n_weights,
         "rounds": rows,
+        "byte_counting": BYTE_COUNTING,
         "total_bytes_up": totals["bytes_up"],
         "total_bytes_down": totals["bytes_down"],
+        "total_wire_up": totals["wire_up"],
+        "total_wire_down": totals["wire_down"],
+        "total_control_up": totals["control_up"],
+        "total_control_down": totals["control_down"],
+        "total_state_bytes": totals["state_down"],
         "total_payload_up": totals["payload_up"],
         "total_payload_down": totals["payload_down"],
         "final_accuracy": rows[-1]["accuracy"] if rows else None,

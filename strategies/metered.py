@@ -541,10 +541,10 @@ class MeteredFedAvg(FedAvg):
         return result
 
     def _log_round_bytes(self, server_round: int) -> None:
-        """One line: the round's wire bytes per direction and the run's total so far."""
+        """One line: the round's network bytes per direction and the run's total so far."""
         round_bytes = self.ledger.round_totals(server_round)
         logger.info(
-            "\t└──> Bytes (wire): %.3f MB down, %.3f MB up in round %d; %.3f MB in all",
+            "\t└──> Bytes (network): %.3f MB down, %.3f MB up in round %d; %.3f MB in all",
             round_bytes["bytes_down"] / 1e6,
             round_bytes["bytes_up"] / 1e6,
             server_round,

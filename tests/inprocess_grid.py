@@ -20,6 +20,8 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from cmd_fl.ledger import message_control_split, message_wire_bytes
+
 # (node_id, server_round, reply) -> reply to deliver instead (tests use it to corrupt replies)
 Tamper = Callable[[int, int, Message], Message]
 # (node_id, server_round) -> True if the node fails (an error reply) this round
@@ -43,6 +45,37 @@ class Exchange:
     node_id: int
     instruction: Message
     reply: Message
+
+
+def network_bytes(exchanges: Iterable[Exchange]) -> dict[str, int]:
+    """What the exchanges moved, measured on the messages as `ByteLedger.totals` counts it.
+
+    ``up``/``down``: the objects of the replies / instructions plus every Fleet API request /
+    response; ``wire_up``/``wire_down``: the objects alone.
+    """
+    out = dict.fromkeys(("up", "down", "wire_up", "wire_down"), 0)
+    for exchange in exchanges:
+        for message, direction in ((exchange.instruction, "down"), (exchange.reply, "up")):
+            wire = message_wire_bytes(message, direction)  # type: ignore[arg-type]
+            request, response = message_control_split(message, direction)  # type: ignore[arg-type]
+            out[f"wire_{direction}"] += wire
+            out[direction] += wire
+            out["up"] += request
+            out["down"] += response
+    return out
+
+
+def csv_network_bytes(rows: Iterable[dict[str, str]]) -> dict[str, int]:
+    """Network bytes ``up`` and ``down`` of ``ledger.csv`` rows (as `csv.DictReader` reads them).
+
+    A message's objects count in its direction, its Fleet API request up, its response down.
+    """
+    out = {"up": 0, "down": 0}
+    for row in rows:
+        out[row["direction"]] += int(row["wire_bytes"])
+        out["up"] += int(row["control_up_bytes"])
+        out["down"] += int(row["control_down_bytes"])
+    return out
 
 
 @dataclass

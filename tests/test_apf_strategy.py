@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients.apf_client import APFClient, FrozenEntryReset
 from clients.cmd_client import OptimizerHook
 from cmd_fl.layout import ParameterLayout
-from cmd_fl.ledger import message_payload_bytes, message_wire_bytes
+from cmd_fl.ledger import message_payload_bytes
 from cmd_fl.payload import (
     APF_BASE_VERSION,
     APF_MASK_ID,
@@ -36,7 +36,7 @@ from simulations.settings import RunSettings
 from simulations.task import build_model, train
 from strategies.apf_strategy import APFStrategy
 from strategies.metered import ParsedReply
-from tests.inprocess_grid import Exchange, Failure, InProcessGrid, Tamper
+from tests.inprocess_grid import Exchange, Failure, InProcessGrid, Tamper, network_bytes
 from tests.test_checkpoint import CrashingGrid, Killed
 from tests.test_flower_apps import simulate as run_apps
 
@@ -170,12 +170,11 @@ def test_ledger_totals_are_the_measured_messages(tmp_path: Path) -> None:
     outcome, grid = simulate(tmp_path, num_server_rounds=4, **RANDOM)
 
     # Assert
-    down = sum(message_wire_bytes(e.instruction, "down") for e in grid.exchanges)
-    up = sum(message_wire_bytes(e.reply, "up") for e in grid.exchanges)
-    assert outcome.summary["total_bytes_down"] == down
-    assert outcome.summary["total_bytes_up"] == up
+    measured = network_bytes(grid.exchanges)
+    assert outcome.summary["total_bytes_down"] == measured["down"]
+    assert outcome.summary["total_bytes_up"] == measured["up"]
     per_round = [r["bytes_down"] + r["bytes_up"] for r in outcome.summary["rounds"]]
-    assert sum(per_round) == down + up
+    assert sum(per_round) == measured["down"] + measured["up"]
 
 
 def test_random_freezing_sends_fewer_bytes_than_fedavg(tmp_path: Path) -> None:

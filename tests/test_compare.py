@@ -28,6 +28,7 @@ import pytest
 
 from simulations import compare, report
 from simulations.settings import RunSettings
+from tests.inprocess_grid import csv_network_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 E2E_TIMEOUT_S = 900  # the quick preset takes 2-3 min on 2 idle cores; this bounds a hung run
@@ -117,6 +118,7 @@ def synthetic_summary(
         "config": config,
         "n_weights": 1000,
         "rounds": rows,
+        "byte_counting": "network",
         "total_bytes_up": up,
         "total_bytes_down": down,
         "final_accuracy": accuracy,
@@ -192,7 +194,7 @@ rounds = [
 total = up * config["num-server-rounds"]
 summary = {{"run_name": config["run-name"], "config": config, "rounds": rounds,
            "total_bytes_up": total, "total_bytes_down": total, "final_accuracy": 0.5,
-           "wall_time_s": 1.0}}
+           "wall_time_s": 1.0, "byte_counting": "network"}}
 out = Path(config["results-dir"]) / config["run-name"]
 out.mkdir(parents=True, exist_ok=True)
 (out / "summary.json").write_text(json.dumps(summary))
@@ -457,6 +459,24 @@ def test_a_changed_config_reruns(tmp_path: Path) -> None:
     assert len(results["runs"][0]["rounds"]) == 3
 
 
+def test_a_run_that_counted_wire_bytes_only_reruns(tmp_path: Path) -> None:
+    # A summary written before totals counted control bytes has no "byte_counting".
+    out = tmp_path / "out"
+    script = fake_script(tmp_path)
+    plan = compare.make_plan("quick", out, methods=["fedavg"])
+    with (tmp_path / "progress.txt").open("w") as stream:
+        compare.compare(plan, script=script, stream=stream)
+        summary_path = out / "runs" / "iid-fedavg-s0" / "summary.json"
+        summary = json.loads(summary_path.read_text())
+        del summary["byte_counting"]
+        summary_path.write_text(json.dumps(summary))
+        (out / "launched.txt").unlink()
+        outcome, _ = compare.compare(plan, script=script, stream=stream)
+    assert outcome.ran == ["iid-fedavg-s0"]
+    progress = (tmp_path / "progress.txt").read_text()
+    assert "wire bytes only in its totals (older run): will rerun" in progress
+
+
 def test_report_only_starts_nothing_and_reports_the_done_runs(tmp_path: Path) -> None:
     out = tmp_path / "out"
     script = fake_script(tmp_path)
@@ -640,12 +660,9 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickComparison]
 
 
 def ledger_totals(path: Path) -> dict[str, int]:
-    """Wire bytes per direction, summed over a run's ledger.csv."""
-    totals = {"up": 0, "down": 0}
+    """Network bytes per direction, summed over a run's ledger.csv."""
     with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            totals[row["direction"]] += int(row["wire_bytes"])
-    return totals
+        return csv_network_bytes(csv.DictReader(handle))
 
 
 @pytest.mark.timeout(E2E_TIMEOUT_S + 300)

@@ -7,9 +7,10 @@ partition 0 of 2 of digits (``partition-id``); node 1 on the same examples as pa
 from its own ``.npz`` file (``data-path``). Two runs go through ``flwr run . <connection>``:
 
 1. a clean CMD run (4 rounds, warm-up 2): results written, CMD replies smaller than round 1's
-   dense ones, and the ledger's total equal (within 2 %) to the SuperLink's own traffic counter
-   (``flwr ls --run-id N --format json``, compared by ``scripts/flower_traffic.py``, which writes
-   ``flower_traffic.json`` next to ``summary.json``);
+   dense ones, and the summary's totals (network bytes) equal, within 2 % in each direction, to
+   the SuperLink's own traffic counter (``flwr ls --run-id N --format json``, compared by
+   ``scripts/flower_traffic.py``, which writes ``flower_traffic.json`` next to
+   ``summary.json``); the same for a plain FedAvg run and an int8-coded run;
 2. a crash: node 1's process tree is killed while it trains in round 3, and a new SuperNode
    with its data joins. The run goes on (``min-train-nodes=1 min-available-nodes=1``): round 3
    is averaged from node 0's reply once the SuperLink declares node 1 unavailable (no heartbeat
@@ -509,18 +510,40 @@ def test_cmd_rounds_send_fewer_bytes_than_dense_round_1(tls_run: DeployedRun) ->
     assert "% saved vs dense rounds" in tls_run.output
 
 
-def test_ledger_total_matches_flowers_traffic_counter(tls_run: DeployedRun) -> None:
-    traffic = tls_run.traffic
-    ledger = traffic["ledger"]
+def assert_ledger_matches_flower(run: DeployedRun) -> None:
+    """The summary's totals are the ledger's network bytes, and Flower's counter agrees."""
+    traffic, ledger = run.traffic, run.traffic["ledger"]
     # scripts/flower_traffic.py read ledger.csv: its totals are the summary's.
-    assert ledger["wire_up"] == tls_run.summary["total_bytes_up"]
-    assert ledger["wire_down"] == tls_run.summary["total_bytes_down"]
+    assert run.summary["byte_counting"] == "network"
+    assert ledger["up_bytes"] == run.summary["total_bytes_up"]
+    assert ledger["down_bytes"] == run.summary["total_bytes_down"]
+    assert ledger["up_bytes"] == ledger["wire_up"] + ledger["control_up"]
+    assert ledger["control_up"] > 0 and ledger["control_down"] > 0
     assert traffic["flower"]["total_bytes"] > 0
-    assert abs(traffic["relative_difference"]) <= TRAFFIC_TOLERANCE, tls_run.traffic_output
+    # Within 2 % in total and in each direction (Flower's inbound = up, outbound = down).
+    for key in ("", "_inbound", "_outbound"):
+        assert abs(traffic[f"relative_difference{key}"]) <= TRAFFIC_TOLERANCE, run.traffic_output
     assert traffic["agree"] is True
-    # Flower sees at least the objects themselves in each direction.
-    assert traffic["flower"]["inbound_bytes"] >= 0.98 * ledger["wire_up"]
-    assert traffic["flower"]["outbound_bytes"] >= 0.98 * ledger["wire_down"]
+
+
+def test_ledger_matches_flowers_traffic_counter_for_cmd(tls_run: DeployedRun) -> None:
+    assert_ledger_matches_flower(tls_run)
+
+
+def test_ledger_matches_flowers_traffic_counter_for_fedavg(federation: Federation) -> None:
+    log = federation.deployment.root / "run-fedavg.log"
+    config = (
+        f"{RUN_CONFIG} strategy='fedavg' results-dir='{federation.results}' "
+        "run-name='deploy-fedavg'"
+    )
+    started = time.monotonic()
+    process = federation.deployment.flwr_run(config, log)
+    run = finish_run(federation, process, log, "deploy-fedavg", RUN_TIMEOUT_S, started)
+
+    assert run.returncode == 0, run.output[-4000:]
+    assert run.summary["strategy"] == "fedavg"
+    assert run.summary["rejected_replies"]["total"] == 0, run.summary["rejected_replies"]
+    assert_ledger_matches_flower(run)
 
 
 # --------------------------------------------------------------------------- a coded run
@@ -543,7 +566,7 @@ def test_a_coded_run_keeps_both_nodes_in_step_over_tls(federation: Federation) -
     for node, size in second.items():
         assert size < 0.45 * first[node], (first, second)
     assert run.summary["final_accuracy"] > 0.15
-    assert abs(run.traffic["relative_difference"]) <= TRAFFIC_TOLERANCE, run.traffic_output
+    assert_ledger_matches_flower(run)
 
 
 # --------------------------------------------------------------------------- the crash

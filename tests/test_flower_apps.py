@@ -16,7 +16,7 @@ from simulations.client_app import app as client_app
 from simulations.server_app import RunOutcome, run
 from simulations.settings import RunSettings
 from strategies.cmd_strategy import CMDStrategy
-from tests.inprocess_grid import Failure, InProcessGrid, Tamper
+from tests.inprocess_grid import Failure, InProcessGrid, Tamper, network_bytes
 
 WARMUP = 2
 BASE: dict[str, Any] = {
@@ -121,12 +121,25 @@ def test_disabled_schedule_gives_fedavg_exactly(tmp_path: Path) -> None:
 def test_ledger_totals_are_the_measured_messages(tmp_path: Path, strategy: str) -> None:
     outcome, grid = simulate(tmp_path, strategy=strategy, num_server_rounds=5)
 
-    down = sum(message_wire_bytes(e.instruction, "down") for e in grid.exchanges)
-    up = sum(message_wire_bytes(e.reply, "up") for e in grid.exchanges)
-    assert outcome.summary["total_bytes_down"] == down
-    assert outcome.summary["total_bytes_up"] == up
-    per_round = [r["bytes_down"] + r["bytes_up"] for r in outcome.summary["rounds"]]
-    assert sum(per_round) == down + up
+    # Totals are network bytes: the objects of each message plus its Fleet API request (up)
+    # and response (down), whatever the message's direction.
+    measured = network_bytes(grid.exchanges)
+    summary = outcome.summary
+    assert (summary["total_bytes_down"], summary["total_bytes_up"]) == (
+        measured["down"],
+        measured["up"],
+    )
+    assert (summary["total_wire_down"], summary["total_wire_up"]) == (
+        measured["wire_down"],
+        measured["wire_up"],
+    )
+    assert summary["total_bytes_up"] > summary["total_wire_up"]
+    per_round = [r["bytes_down"] + r["bytes_up"] for r in summary["rounds"]]
+    assert sum(per_round) == measured["down"] + measured["up"]
+    # CMD state travels down after the warm-up, and is part of the wire bytes.
+    state = sum(r["state_bytes"] for r in summary["rounds"])
+    assert state == summary["total_state_bytes"]
+    assert (state > 0) == (strategy == "cmd")
 
 
 def test_fedavg_round_is_a_dense_model_per_message_plus_envelope(tmp_path: Path) -> None:

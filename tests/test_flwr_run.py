@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from simulations.settings import RunSettings
+from tests.inprocess_grid import csv_network_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_simulation.sh"
@@ -247,12 +248,12 @@ def test_weights_are_embedded_after_warmup(flower_run: FlowerRun) -> None:
 
 
 def test_summary_totals_equal_the_ledger(flower_run: FlowerRun) -> None:
-    totals = {"up": 0, "down": 0}
-    per_round: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
     summary, ledger = results(flower_run)
-    for row in ledger:
-        totals[row["direction"]] += int(row["wire_bytes"])
-        per_round[int(row["round"])][row["direction"]] += int(row["wire_bytes"])
+    totals = csv_network_bytes(ledger)
+    rounds = {int(row["round"]) for row in ledger}
+    per_round = {
+        r: csv_network_bytes(row for row in ledger if int(row["round"]) == r) for r in rounds
+    }
     assert summary["total_bytes_up"] == totals["up"] > 0
     assert summary["total_bytes_down"] == totals["down"] > 0
     for row in summary["rounds"]:

@@ -33,11 +33,14 @@ from flwr.supercore.inflatable.inflatable_object import (
 from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
 
 from cmd_fl.ledger import (
+    STATE_RECORD,
     ByteLedger,
     LedgerRow,
     _object_tree,
     message_control_bytes,
+    message_control_split,
     message_payload_bytes,
+    message_record_wire_bytes,
     message_wire_bytes,
     saved_fraction,
 )
@@ -222,6 +225,9 @@ def test_record_message_measures_the_message() -> None:
     assert row.payload_bytes == message_payload_bytes(instruction.content)
     assert row.wire_bytes == message_wire_bytes(instruction)
     assert row.control_bytes == message_control_bytes(instruction)
+    assert (row.control_up_bytes, row.control_down_bytes) == message_control_split(instruction)
+    assert row.control_up_bytes < row.control_down_bytes  # the response holds the message
+    assert row.state_bytes == 0  # no cmd-state record
     assert (row.round, row.phase, row.direction, row.node_id, row.kind) == (
         3,
         "evaluate",
@@ -229,6 +235,28 @@ def test_record_message_measures_the_message() -> None:
         7,
         "model",
     )
+
+
+def test_state_bytes_are_the_wire_bytes_of_the_state_record() -> None:
+    # Prepare: an instruction with a model record and a (stand-in) cmd-state record
+    content = _model_content(3000)
+    state = ArrayRecord({"cmd-state": Array(np.arange(5000, dtype=np.uint8))})
+    content[STATE_RECORD] = state
+    instruction = make_instruction(content, dst_node_id=9)
+    without = make_instruction(_model_content(3000), dst_node_id=9)
+    # Execute
+    ledger = ByteLedger()
+    row = ledger.record_message(4, "train", "down", 9, instruction, kind="model")
+    plain = ledger.record_message(4, "train", "down", 9, without, kind="model")
+    # Assert: the state's share is the record and its array, a part of the wire bytes
+    assert row.state_bytes == message_record_wire_bytes(instruction, STATE_RECORD)
+    assert 5000 < row.state_bytes < row.wire_bytes
+    # What the state adds to the message: its objects plus its entry (key, object id) in the
+    # parent RecordDict.
+    assert row.state_bytes < row.wire_bytes - plain.wire_bytes < row.state_bytes + 200
+    assert plain.state_bytes == 0
+    assert ledger.totals()["state_down"] == row.state_bytes
+    assert ledger.totals()["state_up"] == 0
 
 
 def test_totals_equal_sum_of_rows() -> None:
@@ -240,10 +268,15 @@ def test_totals_equal_sum_of_rows() -> None:
     # Assert
     for direction in ("up", "down"):
         selected = [r for r in rows if r.direction == direction]
-        assert totals[f"bytes_{direction}"] == sum(r.wire_bytes for r in selected)
+        assert totals[f"wire_{direction}"] == sum(r.wire_bytes for r in selected)
         assert totals[f"payload_{direction}"] == sum(r.payload_bytes for r in selected)
-        assert totals[f"control_{direction}"] == sum(r.control_bytes for r in selected)
         assert totals[f"messages_{direction}"] == len(selected)
+    # Control bytes go by where each protobuf travels: requests up, responses down.
+    assert totals["control_up"] == sum(r.control_up_bytes for r in rows)
+    assert totals["control_down"] == sum(r.control_down_bytes for r in rows)
+    assert totals["bytes_up"] == totals["wire_up"] + totals["control_up"]
+    assert totals["bytes_down"] == totals["wire_down"] + totals["control_down"]
+    assert totals["control_up"] > 0 and totals["control_down"] > 0
     per_round = [ledger.round_totals(r) for r in ledger.rounds()]
     assert ledger.rounds() == [1, 2]
     assert {k: sum(t[k] for t in per_round) for k in totals} == totals
@@ -302,6 +335,8 @@ def test_extend_merges_ledgers() -> None:
         ({"phase": "fit"}, ValueError),
         ({"direction": "sideways"}, ValueError),
         ({"wire_bytes": -1}, ValueError),
+        ({"control_down_bytes": -1}, ValueError),
+        ({"state_bytes": 21}, ValueError),  # more state than the message's wire bytes
         ({"payload_bytes": 1.5}, TypeError),
         ({"round": True}, TypeError),
     ],
@@ -315,7 +350,9 @@ def test_ledger_row_validation(changes: dict[str, object], error: type[Exception
         "kind": "reply",
         "payload_bytes": 10,
         "wire_bytes": 20,
-        "control_bytes": 30,
+        "control_up_bytes": 30,
+        "control_down_bytes": 40,
+        "state_bytes": 5,
     }
     values.update(changes)
     with pytest.raises(error):
@@ -325,17 +362,22 @@ def test_ledger_row_validation(changes: dict[str, object], error: type[Exception
 
 
 def _row(node_id: int, direction: str, wire: int, payload: int, control: int) -> LedgerRow:
-    return LedgerRow(1, "train", direction, node_id, "model", payload, wire, control)
+    # control: request (up) and response (down) bytes of the message, split 1 : 4
+    return LedgerRow(
+        1, "train", direction, node_id, "model", payload, wire, control // 5, control - control // 5
+    )
 
 
-def test_saved_vs_counts_wire_bytes_up_and_down() -> None:
-    # Prepare: payload and control differ from wire so a wrong total changes the answer
-    ledger = ByteLedger([_row(1, "down", 100, 7, 900), _row(1, "up", 150, 3, 900)])
-    baseline = ByteLedger([_row(1, "down", 500, 1, 1), _row(1, "up", 500, 1, 1)])
-    # Execute / Assert
-    assert ledger.total_bytes() == 250
+def test_saved_vs_counts_network_bytes_up_and_down() -> None:
+    # Prepare: payload differs from wire, so counting it would change the answer
+    ledger = ByteLedger([_row(1, "down", 100, 7, 50), _row(1, "up", 150, 3, 200)])
+    baseline = ByteLedger([_row(1, "down", 500, 1, 250), _row(1, "up", 500, 1, 750)])
+    # Execute / Assert: wire plus control, each protobuf in the direction it travels
+    totals = ledger.totals()
+    assert (totals["bytes_up"], totals["bytes_down"]) == (150 + 10 + 40, 100 + 40 + 160)
+    assert ledger.total_bytes() == 500
     assert ledger.saved_vs(baseline) == pytest.approx(0.75)
-    assert ledger.saved_vs(1000) == pytest.approx(0.75)
-    assert ledger.saved_vs(125) == pytest.approx(-1.0)
+    assert ledger.saved_vs(2000) == pytest.approx(0.75)
+    assert ledger.saved_vs(250) == pytest.approx(-1.0)
     assert ledger.saved_vs(ByteLedger()) == 0.0
     assert saved_fraction(30, 120) == pytest.approx(0.75)

@@ -45,7 +45,7 @@ def test_round_loop_logs_metrics_bytes_and_the_final_result(
 
     # The byte lines are the ledger's numbers.
     ledger = outcome.strategy.ledger
-    byte_lines = [line for line in lines if "Bytes (wire):" in line]
+    byte_lines = [line for line in lines if "Bytes (network):" in line]
     assert len(byte_lines) == 3
     for server_round, line in enumerate(byte_lines, start=1):
         match = re.search(r"([\d.]+) MB down, ([\d.]+) MB up in round (\d+); ([\d.]+) MB", line)
