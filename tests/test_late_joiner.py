@@ -34,7 +34,10 @@ from cmd_fl.payload import (
     METRICS,
     MODEL_CHECKSUM,
     N_MODES,
+    PROBE,
     SERVER_ROUND,
+    CMDModel,
+    extras_nbytes,
     load_state,
     model_checksum,
 )
@@ -196,6 +199,8 @@ def watched_run(tmp_path: Path, codec: str) -> WatchedRun:
 
     def before_round(server_round: int) -> None:
         (strategy,) = strategies
+        # Under a coded downlink every node is sent the public model (the global model less
+        # what the downlink has yet to deliver): as it is, or coded against the one it holds.
         sent = strategy.global_flat if strategy.downlink is None else strategy.downlink.flat
         assert sent is not None
         state = None if strategy.state is None else strategy.state.copy()
@@ -300,6 +305,17 @@ def test_a_late_joiner_gets_the_full_state_and_the_model_as_it_is(
     # The model as it is (under int8: the public model, not a delta against one it lacks).
     records = exchange.instruction.content.array_records
     assert set(records) == {CMD_MODEL, CMD_STATE}
+    probe = exchange.instruction.content.config_records[CONFIG][PROBE]
+    assert probe == int(first == PROBE_JOIN)  # a probe: it trains and sends every weight
+    if probe:
+        sent_back = CMDModel.from_record(
+            exchange.reply.content.array_records[CMD_MODEL],
+            server_state.free_indices.size,
+            server_state.n_modes,
+            extras_nbytes(churn.layout.extra_specs()),
+            n_embedded=server_state.n_embedded,
+        )
+        assert sent_back.embedded is not None and sent_back.embedded.size > 0
     assert_trained_on_the_sent_model(churn, node, first)
     assert_same_state(churn.nodes[node, first].state, server_state)
     assert not any(r["node_id"] == node for r in churn.strategy.rejections)
