@@ -196,6 +196,7 @@ class CMDClient:
                 codec,
                 np.concatenate([received.free, received.references]),
                 np.concatenate([free, refs]),
+                positions=np.concatenate([state.free_indices, state.references]),
             )
             model_record = CodedUpdate(blob, extras_blob).to_record()
             return RecordDict({CODED_UPDATE: model_record, METRICS: metric_record(metrics)})

@@ -4,12 +4,14 @@ With a codec other than ``none`` the server names it in the training message's c
 client then replies with the *update* (trained minus received values of what it would have sent:
 the whole flat model under FedAvg, free weights and references under CMD) encoded with error
 feedback, plus the packed extras (buffers) as they are. The residual the codec did not send
-stays in the client's ``context.state`` and is added to its next update. The server knows what
-it sent, so it rebuilds ``received + decode(blob)`` exactly as the client's decoder does.
+stays in the client's ``context.state`` and is added to its next update of the same values (the
+same positions of the flat model). The server knows what it sent, so it rebuilds
+``received + decode(blob)`` exactly as the client's decoder does.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,7 @@ CODEC_ERROR_FEEDBACK = "codec-error-feedback"
 _UPDATE = "update"
 _EXTRAS = "extras"
 _RESIDUAL = "residual"
+_POSITIONS = "positions-crc"  # which values the residual belongs to
 
 
 def codec_config(spec: CodecSpec) -> dict[str, int | float | str]:
@@ -88,22 +91,59 @@ class CodedUpdate:
 
 
 def encode_update(
-    store: RecordDict, key: str, spec: CodecSpec, received: np.ndarray, trained: np.ndarray
+    store: RecordDict,
+    key: str,
+    spec: CodecSpec,
+    received: np.ndarray,
+    trained: np.ndarray,
+    *,
+    positions: np.ndarray | None = None,
 ) -> np.ndarray:
     """Encode ``trained - received`` with the residual kept under ``key`` in ``store``.
 
-    The new residual replaces the old one; a residual of another length (the free set changed,
-    or another model) is dropped rather than added to the wrong weights.
+    Parameters
+    ----------
+    store, key : RecordDict, str
+        Where the residual lives between rounds (``context.state`` and its key).
+    spec : CodecSpec
+        The codec.
+    received, trained : np.ndarray
+        The values that travel, as received and after training.
+    positions : np.ndarray or None
+        Where those values sit in the flat model (CMD: the free weights, then the
+        references). Default None: they are the whole flat model, in order.
+
+    The new residual replaces the old one. The old one is added only if it belongs to the
+    same values: a residual kept for other positions (warm-up to CMD, whose first state travels
+    as many values in another order; an embedding event; a release) or another model is
+    dropped rather than added to the wrong weights.
     """
     update = np.subtract(trained, received, dtype=np.float32)
+    tag = _positions_tag(positions)
     residual = None
     if key in store.array_records:
-        kept = store.array_records[key][_RESIDUAL].numpy()
-        if kept.shape == update.shape:
-            residual = kept.astype(np.float32)
+        kept = store.array_records[key]
+        if (
+            _POSITIONS in kept
+            and int(kept[_POSITIONS].numpy()[0]) == tag
+            and kept[_RESIDUAL].shape == update.shape
+        ):
+            residual = kept[_RESIDUAL].numpy().astype(np.float32)
     blob, _, new_residual = compress(update, spec, residual)
-    store[key] = ArrayRecord({_RESIDUAL: Array(np.ascontiguousarray(new_residual))})
+    store[key] = ArrayRecord(
+        {
+            _RESIDUAL: Array(np.ascontiguousarray(new_residual)),
+            _POSITIONS: Array(np.asarray([tag], dtype=np.int64)),
+        }
+    )
     return blob
+
+
+def _positions_tag(positions: np.ndarray | None) -> int:
+    """CRC-32 of the positions (-1: the whole model in order); equal iff equal (w.h.p.)."""
+    if positions is None:
+        return -1
+    return zlib.crc32(np.ascontiguousarray(positions, dtype=np.int64).tobytes())
 
 
 __all__ = [

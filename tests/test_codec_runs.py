@@ -7,11 +7,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
 
-from cmd_fl.codec import CodecSpec, decode, encode
-from cmd_fl.coded import CODED_UPDATE, CodedUpdate, encode_update
-from cmd_fl.payload import CMD_MODEL, DENSE_MODEL, NUM_EXAMPLES
+from clients.cmd_client import CMDClient
+from cmd_fl.codec import CodecSpec, compress, decode, encode
+from cmd_fl.coded import CODED_UPDATE, CodedUpdate, codec_config, encode_update
+from cmd_fl.embedding import EmbeddingState
+from cmd_fl.layout import ParameterLayout
+from cmd_fl.payload import (
+    CMD_MODEL,
+    CMD_STATE,
+    CONFIG,
+    DENSE_MODEL,
+    N_MODES,
+    NUM_EXAMPLES,
+    PROBE,
+    SERVER_ROUND,
+    STATE_VERSION,
+    CMDModel,
+)
+from cmd_fl.sync import full_state
 from simulations.settings import RunSettings
 from tests.test_flower_apps import WARMUP, simulate
 
@@ -97,6 +115,77 @@ def test_error_feedback_carries_what_was_not_sent_into_the_next_update() -> None
     encode_update(plain, "node", off, received, first)
     blob = encode_update(plain, "node", off, received, second)
     np.testing.assert_array_equal(decode(blob, off, 8), [0.5, 0.5, 0, 0, 0, 0, 0, 0])
+
+
+def test_a_residual_is_added_only_to_the_values_it_was_kept_for() -> None:
+    spec = CodecSpec("topk", topk_fraction=0.25)
+    store = RecordDict()
+    zeros = np.zeros(4, np.float32)
+    first = np.array([8, 7, 6, 5], np.float32)
+    cmd_order = np.array([1, 2, 3, 0])  # the same weights, another order
+    encode_update(store, "node", spec, zeros, first)  # the whole model: residual (0, 7, 6, 5)
+    # The same four values in another order: the residual would land on the wrong weights.
+    blob = encode_update(store, "node", spec, zeros, zeros, positions=cmd_order)
+    np.testing.assert_array_equal(decode(blob, spec, 4), [0, 0, 0, 0])
+    # Kept for the same positions: added (the new residual is the old one, 7 sent).
+    encode_update(store, "node", spec, zeros, first, positions=cmd_order)  # residual (0, 7, 6, 5)
+    blob = encode_update(store, "node", spec, zeros, zeros, positions=cmd_order)
+    np.testing.assert_array_equal(decode(blob, spec, 4), [0, 7, 0, 0])
+    # Other positions (an embedding event), or the whole model again: dropped.
+    blob = encode_update(store, "node", spec, zeros, zeros, positions=np.array([1, 2, 3, 4]))
+    np.testing.assert_array_equal(decode(blob, spec, 4), [0, 0, 0, 0])
+
+
+def test_the_first_cmd_reply_does_not_add_the_warm_up_residual_to_other_weights() -> None:
+    # Prepare: a client that answered a dense (warm-up) message under int8, then CMD's first
+    # state: nothing embedded, so as many values travel as there are weights, in another order.
+    spec = CodecSpec("int8")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)  # 28 weights
+    layout = ParameterLayout.from_module(model)
+    noise = torch.Generator().manual_seed(1)
+    trained: list[np.ndarray] = []
+
+    def train_fn(module: torch.nn.Module, hook: object) -> dict[str, float]:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=noise))
+        trained.append(layout.flatten_numpy(module.state_dict()))
+        return {NUM_EXAMPLES: 4}
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    client = CMDClient(model, train_fn)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    config = ConfigRecord({**codec_config(spec), SERVER_ROUND: 1})
+    dense = RecordDict({DENSE_MODEL: ArrayRecord(model.state_dict()), CONFIG: config})
+    client.train(Message(dense, dst_node_id=1, message_type=MessageType.TRAIN), context)
+    warm_up_residual = context.state.array_records["cmd-fl.residual"]["residual"].numpy().copy()
+    assert np.abs(warm_up_residual).max() > 0
+
+    n = layout.n_weights
+    references = np.array([0, 13, 26])
+    state = EmbeddingState(np.arange(n) % 3, references)
+    sent = trained[-1]
+    free, refs = state.split(sent)
+    config = ConfigRecord(
+        {**codec_config(spec), SERVER_ROUND: 2, STATE_VERSION: 1, N_MODES: 3, PROBE: 0}
+    )
+    cmd = RecordDict(
+        {
+            CMD_MODEL: CMDModel(free, refs, np.empty(0, np.uint8)).to_record(),
+            CMD_STATE: full_state(state).to_array_record(n, 3),
+            CONFIG: config,
+        }
+    )
+    # Execute
+    reply = client.train(Message(cmd, dst_node_id=1, message_type=MessageType.TRAIN), context)
+    # Assert: the warm-up residual, kept in flat-model order, is not added in CMD's order
+    blob = CodedUpdate.from_record(reply.content.array_records[CODED_UPDATE], 0).update
+    positions = np.concatenate([state.free_indices, references])
+    update = np.subtract(trained[-1][positions], sent[positions], dtype=np.float32)
+    assert not np.array_equal(positions, np.arange(n))
+    assert blob.tobytes() == compress(update, spec).blob.tobytes()
+    assert blob.tobytes() != compress(update, spec, warm_up_residual).blob.tobytes()
 
 
 def _corrupt_blob(kind: str):  # type: ignore[no-untyped-def]
