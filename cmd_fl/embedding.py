@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cmd_fl.posthoc import CMDFit
+from cmd_fl.wire import snap_to_a_grid
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,15 @@ class EmbeddingState:
         If True, :meth:`embed` rounds ``a`` and ``b`` to the nearest float16 (kept as float32;
         values beyond float16's range stay as they are), so state deltas carry them in 2 bytes
         each, losslessly. The server sets it; clients hold the values they are sent.
+    a_on_grid : bool
+        If True, :meth:`embed` also snaps ``a`` to the one-byte grid of `cmd_fl.wire`
+        (`snap_to_a_grid`) and moves ``b`` so that the weight keeps the value it has at the
+        given reference values; only the reference's later motion sees the rounding of ``a``.
+        State deltas then carry ``a`` in one byte. Implies float16 ``b``.
     """
 
     round_coefficients: bool = False
+    a_on_grid: bool = False
 
     def __init__(self, modes: np.ndarray, references: np.ndarray, version: int = 1) -> None:
         modes = np.asarray(modes)
@@ -172,8 +179,18 @@ class EmbeddingState:
         self._emb_modes = self.modes[self._embedded_idx]
 
     # --- changes ------------------------------------------------------------------------------
-    def embed(self, indices: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-        """Freeze ``indices`` with coefficients (a, b); references cannot be embedded."""
+    def embed(
+        self,
+        indices: np.ndarray,
+        a: np.ndarray,
+        b: np.ndarray,
+        reference_values: np.ndarray | None = None,
+    ) -> None:
+        """Freeze ``indices`` with coefficients (a, b); references cannot be embedded.
+
+        ``reference_values`` (the M references' current values) lets `a_on_grid` keep each
+        weight's current value when it snaps ``a``; without it ``b`` is kept as given.
+        """
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.n_weights):
             raise ValueError("embedded index out of range")
@@ -185,7 +202,13 @@ class EmbeddingState:
             raise ValueError("coefficients must match the indices in length")
         if not (np.isfinite(a32).all() and np.isfinite(b32).all()):
             raise ValueError("frozen coefficients must be finite")
-        if self.round_coefficients:
+        if self.a_on_grid:
+            snapped = snap_to_a_grid(a32)
+            if reference_values is not None:
+                refs = np.asarray(reference_values, dtype=np.float32)[self.modes[idx]]
+                b32 = (b32 + (a32 - snapped) * refs).astype(np.float32)
+            a32, b32 = snapped, _nearest_float16(b32)
+        elif self.round_coefficients:
             a32, b32 = _nearest_float16(a32), _nearest_float16(b32)
         self.embedded[idx] = True
         self.frozen_a[idx] = a32
@@ -392,13 +415,19 @@ def _percentile_rank(values: np.ndarray) -> np.ndarray:
     return ranks / max(values.size - 1, 1)
 
 
-def embedding_event(selector: EmbeddingSelector, fit: CMDFit, state: EmbeddingState) -> np.ndarray:
+def embedding_event(
+    selector: EmbeddingSelector,
+    fit: CMDFit,
+    state: EmbeddingState,
+    reference_values: np.ndarray | None = None,
+) -> np.ndarray:
     """Run one embedding event: select, freeze at the fit's coefficients, bump the version.
 
+    ``reference_values`` are the references' current values (see `EmbeddingState.embed`).
     Returns the newly embedded indices.
     """
     chosen = selector.select(fit, state)
     if chosen.size:
-        state.embed(chosen, fit.a[chosen], fit.b[chosen])
+        state.embed(chosen, fit.a[chosen], fit.b[chosen], reference_values)
         state.version += 1
     return chosen

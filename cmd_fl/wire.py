@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 __all__ = [
+    "A_GRID_STEP",
     "MAX_INDEX_UNIVERSE",
     "MAX_MODES",
     "StateDelta",
@@ -28,8 +29,12 @@ __all__ = [
     "encode_index_set",
     "encode_mode_ids",
     "from_array_record",
+    "mode_id_bits",
+    "pack_mode_ids",
     "pack_tensors",
+    "snap_to_a_grid",
     "to_array_record",
+    "unpack_mode_ids",
     "unpack_tensors",
 ]
 
@@ -45,10 +50,16 @@ _MAX_VARINT_BYTES = 5  # ceil(32 / 7): enough for any value below MAX_INDEX_UNIV
 
 # StateDelta blob: format version, coefficient width (bytes), from/to versions, then the byte
 # length of each index part (modes, references, embed, release, refit).
-_STATE_FORMAT = 2
+_STATE_FORMAT = 3
 _STATE_HEADER = struct.Struct("<BBqqQQQQQ")
 _COEFFICIENT_DTYPES: dict[int, np.dtype] = {4: np.dtype("<f4"), 2: np.dtype("<f2")}
+_GRID_WIDTH = 1  # width code: a as one-byte grid codes (float16 escapes), b in float16
 _STATE_KEY = "cmd-state"
+
+A_GRID_STEP = 1.0 / 32.0
+"""Step of the one-byte grid for the coefficient ``a``: ``a = k * A_GRID_STEP``, ``|k| <= 127``
+(``|a| <= 3.97``). A power of two, so every grid value is exact in float32 and float16."""
+_A_ESCAPE = -128  # grid code of an ``a`` off the grid: its float16 value follows the codes
 
 
 class WireFormatError(ValueError):
@@ -253,6 +264,106 @@ def encode_mode_ids(modes: np.ndarray, n_modes: int) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
+def mode_id_bits(n_modes: int) -> int:
+    """Bits per mode id on the wire: the smallest of 1, 2, 4, 8 that holds ``n_modes`` ids."""
+    if not 1 <= n_modes <= MAX_MODES:
+        raise ValueError(f"n_modes must be in [1, {MAX_MODES}], got {n_modes}")
+    return next(bits for bits in (1, 2, 4, 8) if n_modes <= 2**bits)
+
+
+def pack_mode_ids(modes: np.ndarray, n_modes: int) -> bytes:
+    """Pack mode ids at `mode_id_bits` bits each (little-endian within a byte, zero padding).
+
+    Parameters
+    ----------
+    modes : np.ndarray
+        Mode id of each weight, 1-D, in ``[0, n_modes)``.
+    n_modes : int
+        Number of modes M.
+    """
+    ids = encode_mode_ids(modes, n_modes)
+    bits = mode_id_bits(n_modes)
+    if bits == 8:
+        return ids.tobytes()
+    per_byte = 8 // bits
+    padded = np.zeros(-(-ids.size // per_byte) * per_byte, dtype=np.uint8)
+    padded[: ids.size] = ids
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    groups = padded.reshape(-1, per_byte) << shifts
+    return np.bitwise_or.reduce(groups, axis=1).astype(np.uint8).tobytes()
+
+
+def unpack_mode_ids(data: np.ndarray | bytes, n_weights: int, n_modes: int) -> np.ndarray:
+    """Read mode ids written by `pack_mode_ids`, validating them strictly.
+
+    Raises
+    ------
+    WireFormatError
+        On a wrong length, padding bits that are set, or an id ``>= n_modes``.
+    """
+    raw = _as_byte_array(data, "mode ids")
+    bits = mode_id_bits(n_modes)
+    per_byte = 8 // bits
+    expected = -(-n_weights // per_byte)
+    if raw.size != expected:
+        raise WireFormatError(
+            f"mode ids take {raw.size} bytes, expected {expected} for {n_weights} weights "
+            f"at {bits} bits"
+        )
+    if bits == 8:
+        ids = raw.copy()
+    else:
+        shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+        mask = np.uint8(2**bits - 1)
+        ids = ((raw[:, None] >> shifts) & mask).astype(np.uint8).reshape(-1)
+        if np.any(ids[n_weights:]):
+            raise WireFormatError("mode ids have padding bits set")
+        ids = ids[:n_weights].copy()
+    if ids.size and int(ids.max()) >= n_modes:
+        raise WireFormatError(f"a mode id is >= n_modes {n_modes}")
+    return ids
+
+
+# --------------------------------------------------------------------------- coefficients
+
+
+def snap_to_a_grid(a: np.ndarray) -> np.ndarray:
+    """``a`` on the one-byte grid (`A_GRID_STEP`) where it fits, else to the nearest float16.
+
+    What the server stores when states travel in the compact form; the wire then carries each
+    ``a`` in one byte (an off-grid one in three).
+    """
+    a32 = np.asarray(a, dtype=np.float32)
+    codes = np.rint(a32 / np.float32(A_GRID_STEP))
+    on_grid = np.abs(codes) <= 127
+    with np.errstate(over="ignore"):
+        half = a32.astype(np.float16).astype(np.float32)
+    half = np.where(np.isfinite(half), half, a32)
+    # + 0.0 turns -0.0 (a small negative a) into the 0.0 that code 0 decodes to.
+    grid = codes * np.float32(A_GRID_STEP) + np.float32(0.0)
+    return np.where(on_grid, grid, half).astype(np.float32)
+
+
+def _grid_codes(a: np.ndarray) -> np.ndarray | None:
+    """One-byte codes of ``a`` (`_A_ESCAPE` where off the grid), or None if an off-grid value
+    is not a float16."""
+    scaled = a / np.float32(A_GRID_STEP)  # exact: a power-of-two division
+    on_grid = (np.rint(scaled) == scaled) & (np.abs(scaled) <= 127)
+    if not _exact_in_float16(a[~on_grid]):
+        return None
+    return np.where(on_grid, scaled, _A_ESCAPE).astype(np.int8)
+
+
+def _coefficient_width(a: np.ndarray, b_parts: Sequence[np.ndarray]) -> int:
+    """The smallest lossless width code for a state's coefficients: 1, 2 or 4."""
+    if not all(_exact_in_float16(v) for v in b_parts):
+        return 4
+    codes = _grid_codes(a)
+    if codes is not None and 2 * int(np.count_nonzero(codes == _A_ESCAPE)) < a.size:
+        return _GRID_WIDTH
+    return 2 if _exact_in_float16(a) else 4
+
+
 # --------------------------------------------------------------------------- dense tensors
 
 
@@ -455,8 +566,10 @@ class StateDelta:
     refit_b : np.ndarray, default empty
         The new offset of each re-fit weight, ``float32``.
 
-    On the wire the coefficients take 2 bytes each when every one of them is exactly a
-    float16 (the server rounds them so, see `EmbeddingState.round_coefficients`), else 4.
+    On the wire mode ids take `mode_id_bits` bits each. The coefficients take the fewest
+    bytes that carry them exactly: ``a`` one byte on the `A_GRID_STEP` grid and ``b`` two, when
+    the server snapped them so (`EmbeddingState.a_on_grid`); two each when all are float16
+    (`EmbeddingState.round_coefficients`); else four.
     """
 
     from_version: int
@@ -517,13 +630,15 @@ class StateDelta:
             If the delta is inconsistent (see `validate`).
         """
         _validate_state(self, n_weights, n_modes)
-        modes = b"" if self.modes is None else np.asarray(self.modes).tobytes()
+        modes = b"" if self.modes is None else pack_mode_ids(self.modes, n_modes)
         refs = b"" if self.references is None else _encode_set(self.references, n_weights)
         embed = _encode_set(self.embed_indices, n_weights)
         release = _encode_set(self.release_indices, n_weights)
         refit = _encode_set(self.refit_indices, n_weights)
-        values = [np.asarray(v) for v in (self.embed_a, self.embed_b, self.refit_b)]
-        width = 2 if all(_exact_in_float16(v) for v in values) else 4
+        a_values, b_values, refit_values = (
+            np.asarray(v) for v in (self.embed_a, self.embed_b, self.refit_b)
+        )
+        width = _coefficient_width(a_values, (b_values, refit_values))
         header = _STATE_HEADER.pack(
             _STATE_FORMAT,
             width,
@@ -535,8 +650,15 @@ class StateDelta:
             len(release),
             len(refit),
         )
-        dtype = _COEFFICIENT_DTYPES[width]
-        a, b, refit_b = (v.astype(dtype).tobytes() for v in values)
+        if width == _GRID_WIDTH:
+            codes = _grid_codes(a_values)
+            assert codes is not None  # _coefficient_width checked it
+            off_grid = a_values[codes == _A_ESCAPE].astype("<f2")
+            a, dtype = codes.tobytes() + off_grid.tobytes(), _COEFFICIENT_DTYPES[2]
+        else:
+            dtype = _COEFFICIENT_DTYPES[width]
+            a = a_values.astype(dtype).tobytes()
+        b, refit_b = (v.astype(dtype).tobytes() for v in (b_values, refit_values))
         blob = b"".join((header, modes, refs, embed, a, b, release, refit, refit_b))
         return to_array_record({_STATE_KEY: np.frombuffer(blob, dtype=np.uint8)})
 
@@ -571,9 +693,9 @@ class StateDelta:
         fmt, width, from_v, to_v, n_mode_bytes, n_ref, n_embed, n_release, n_refit = header
         if fmt != _STATE_FORMAT:
             raise WireFormatError(f"state blob has format {fmt}, expected {_STATE_FORMAT}")
-        if width not in _COEFFICIENT_DTYPES:
-            raise WireFormatError(f"state blob has coefficients of {width} bytes, not 2 or 4")
-        dtype = _COEFFICIENT_DTYPES[width]
+        if width not in (_GRID_WIDTH, *_COEFFICIENT_DTYPES):
+            raise WireFormatError(f"state blob has coefficient width {width}, not 1, 2 or 4")
+        dtype = _COEFFICIENT_DTYPES[2 if width == _GRID_WIDTH else width]
         cursor = _STATE_HEADER.size
 
         def take(size: int, what: str) -> np.ndarray:
@@ -585,18 +707,26 @@ class StateDelta:
             return part
 
         universe = _check_universe(n_weights)
-        modes = take(n_mode_bytes, "modes").copy() if n_mode_bytes else None
+        modes = None
+        if n_mode_bytes:
+            modes = unpack_mode_ids(take(n_mode_bytes, "modes"), universe, n_modes)
         references = None
         if n_ref:
             ref_set = decode_index_set(take(n_ref, "references"), universe)
             references = _order_references(ref_set, modes)
 
         def coefficients(count: int, what: str) -> np.ndarray:
-            raw = take(width * count, what)
+            raw = take(dtype.itemsize * count, what)
             return raw.view(dtype).astype(np.float32)
 
         embed = decode_index_set(take(n_embed, "embed indices"), universe)
-        a = coefficients(embed.size, "coefficients a")
+        if width == _GRID_WIDTH:
+            codes = take(embed.size, "grid codes of a").view(np.int8)
+            off_grid = codes == _A_ESCAPE
+            a = codes.astype(np.float32) * np.float32(A_GRID_STEP)
+            a[off_grid] = coefficients(int(np.count_nonzero(off_grid)), "off-grid a")
+        else:
+            a = coefficients(embed.size, "coefficients a")
         b = coefficients(embed.size, "coefficients b")
         release = decode_index_set(take(n_release, "release indices"), universe)
         refit = decode_index_set(take(n_refit, "refit indices"), universe)

@@ -10,7 +10,7 @@ from typing import Any
 from cmd_fl.codec import CODECS, CodecSpec
 from cmd_fl.embedding import SELECTION_RULES, EmbeddingSchedule
 from cmd_fl.torch_projection import REFERENCE_GRADIENTS
-from strategies.cmd_strategy import CMDOptions
+from strategies.cmd_strategy import COEFFICIENT_PRECISIONS, CMDOptions
 
 STRATEGIES = ("fedavg", "cmd", "apf")
 PARTITIONINGS = ("iid", "dirichlet")
@@ -65,6 +65,7 @@ class RunSettings:
     cmd_refresh_tolerance: float = 0.25
     cmd_refresh_refit: bool = True  # probes also re-fit b of the weights that stay embedded
     cmd_refresh_refill: bool = False  # events may embed others in released weights' place
+    cmd_coefficients: str = "auto"  # a, b precision: auto | float32 | float16 | grid
     codec: str = "none"  # update codec: "none" | "fp16" | "int8" | "topk"
     codec_downlink: bool = True  # the codec also codes training messages (deltas vs clients' model)
     codec_block_size: int = 256  # int8: values per scale; 0 = one scale per vector
@@ -102,6 +103,10 @@ class RunSettings:
             (self.apf_threshold > 0, "apf-threshold must be > 0"),
             (self.validation_size >= 0, "validation-size must be >= 0"),
             (self.codec in CODECS, f"codec must be one of {CODECS}"),
+            (
+                self.cmd_coefficients in ("auto", *COEFFICIENT_PRECISIONS),
+                f"cmd-coefficients must be 'auto' or one of {COEFFICIENT_PRECISIONS}",
+            ),
             (
                 self.codec == "none" or self.strategy != "apf",
                 "codec is not supported with strategy 'apf' yet (fedavg and cmd take any codec)",
@@ -165,6 +170,13 @@ class RunSettings:
             error_feedback=self.codec_error_feedback,
         )
 
+    def coefficient_precision(self) -> str:
+        """`CMDOptions.coefficients`: ``cmd-coefficients``, where "auto" means float16 under a
+        lossy codec (it needs no float32 a, b) and float32 otherwise."""
+        if self.cmd_coefficients != "auto":
+            return self.cmd_coefficients
+        return "float32" if self.codec == "none" else "float16"
+
     def cmd_options(self) -> CMDOptions:
         """The CMD strategy's safety options."""
         return CMDOptions(
@@ -177,7 +189,7 @@ class RunSettings:
             refresh_tolerance=self.cmd_refresh_tolerance,
             refresh_refit=self.cmd_refresh_refit,
             refresh_refill=self.cmd_refresh_refill,
-            half_coefficients=self.codec != "none",  # a lossy run needs no float32 a, b
+            coefficients=self.coefficient_precision(),
         )
 
     def results_root(self) -> Path:

@@ -49,6 +49,9 @@ logger = logging.getLogger("flwr.cmd_fl")
 ValidateFn = Callable[[np.ndarray, list[np.ndarray]], float]
 
 
+COEFFICIENT_PRECISIONS = ("float32", "float16", "grid")
+
+
 @dataclass(frozen=True)
 class CMDOptions:
     """How embedding is kept safe (see ``shared/docs/cmd-method.md``, "Measured here").
@@ -87,10 +90,12 @@ class CMDOptions:
     refresh_refill : bool
         Whether later events may embed other weights in the place of released ones. Default
         False: a release lowers the embedded share for good.
-    half_coefficients : bool
-        Round the frozen coefficients ``a``, ``b`` to float16 when they are set, so they travel
-        in 2 bytes each (`EmbeddingState.round_coefficients`). Default False; the run config
-        turns it on with a lossy codec.
+    coefficients : {"float32", "float16", "grid"}
+        Precision of the frozen coefficients, set when a weight is embedded: as fitted
+        (4 bytes each on the wire), rounded to float16 (`EmbeddingState.round_coefficients`,
+        2 bytes each), or ``a`` on a one-byte grid and ``b`` in float16
+        (`EmbeddingState.a_on_grid`, 3 bytes a weight). Default "float32"; the run config
+        picks "float16" with a lossy codec unless ``cmd-coefficients`` says otherwise.
     """
 
     selection_rule: str = "stability+fit"
@@ -104,7 +109,14 @@ class CMDOptions:
     refresh_max_fraction: float = 0.1
     refresh_refit: bool = True
     refresh_refill: bool = False
-    half_coefficients: bool = False
+    coefficients: str = "float32"
+
+    def __post_init__(self) -> None:
+        """Reject a coefficient precision this version does not know."""
+        if self.coefficients not in COEFFICIENT_PRECISIONS:
+            raise ValueError(
+                f"coefficients must be one of {COEFFICIENT_PRECISIONS}, got {self.coefficients!r}"
+            )
 
 
 class CMDStrategy(FlatModelStrategy):
@@ -373,7 +385,7 @@ class CMDStrategy(FlatModelStrategy):
     def _start_embedding(self, server_round: int) -> None:
         fit = self.online.fit
         self.state = EmbeddingState(fit.modes, fit.references, version=1)
-        self.state.round_coefficients = self.options.half_coefficients
+        self._set_coefficient_precision()
         self.history = EmbeddingHistory(self.state)
         self._start_selector(fit)
         sizes = np.bincount(fit.modes, minlength=fit.n_modes)
@@ -394,6 +406,11 @@ class CMDStrategy(FlatModelStrategy):
             refill_released=self.options.refresh_refill,
         )
 
+    def _set_coefficient_precision(self) -> None:
+        assert self.state is not None
+        self.state.round_coefficients = self.options.coefficients == "float16"
+        self.state.a_on_grid = self.options.coefficients == "grid"
+
     def _embedding_event(self, server_round: int) -> None:
         assert self.state is not None and self.selector is not None and self.history is not None
         assert self.global_flat is not None
@@ -401,7 +418,8 @@ class CMDStrategy(FlatModelStrategy):
             logger.info("round %d: embedding paused by the guard", server_round)
             return
         before = self.global_flat.copy()
-        chosen = embedding_event(self.selector, self.online.fit, self.state)
+        references = self.global_flat[self.state.references]
+        chosen = embedding_event(self.selector, self.online.fit, self.state, references)
         if chosen.size:
             self.history.record(self.state.version, chosen)
             self.state.project(self.global_flat)
@@ -476,7 +494,7 @@ class CMDStrategy(FlatModelStrategy):
         self.online.load_arrays(unprefixed("online", arrays))
         if "state.modes" in arrays:
             self.state = EmbeddingState.from_arrays(unprefixed("state", arrays))
-            self.state.round_coefficients = self.options.half_coefficients
+            self._set_coefficient_precision()
             self.history = EmbeddingHistory(self.state)
             self.history.load_arrays(unprefixed("history", arrays))
             self._start_selector(self.online.fit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,17 @@ import pytest
 
 from cmd_fl.embedding import EmbeddingState
 from cmd_fl.sync import EmbeddingHistory, apply_delta, full_state
-from cmd_fl.wire import StateDelta, WireFormatError
+from cmd_fl.wire import (
+    A_GRID_STEP,
+    StateDelta,
+    WireFormatError,
+    mode_id_bits,
+    pack_mode_ids,
+    unpack_mode_ids,
+)
+from simulations.server_app import RunOutcome
+from strategies.cmd_strategy import CMDStrategy
+from tests.test_flower_apps import simulate
 
 N, M = 2000, 4
 
@@ -150,5 +161,120 @@ def test_a_blob_with_an_unknown_coefficient_width_is_refused() -> None:
     blob = record["cmd-state"].numpy().copy()
     blob[1] = 3  # the width byte follows the format byte
     record["cmd-state"] = type(record["cmd-state"])(blob)
-    with pytest.raises(WireFormatError, match="coefficients of 3 bytes"):
+    with pytest.raises(WireFormatError, match="coefficient width 3"):
         StateDelta.from_array_record(record, N, M)
+
+
+# --------------------------------------------------------------------------- one-byte a, packed ids
+
+
+def _grid_state(a: np.ndarray, refs: np.ndarray) -> tuple[EmbeddingState, np.ndarray, np.ndarray]:
+    """A state with `a_on_grid`: 1,200 weights embedded with ``a`` at reference values refs.
+
+    Returns the state, the embedded indices and the fitted ``b`` it was given.
+    """
+    rng = np.random.default_rng(1)
+    state = EmbeddingState(np.arange(N) % M, np.arange(M))
+    state.a_on_grid = True
+    chosen = np.sort(rng.choice(state.free_indices, a.size, replace=False))
+    b = rng.normal(scale=0.05, size=chosen.size).astype(np.float32)
+    state.embed(chosen, a, b, reference_values=refs)
+    state.version += 1
+    return state, chosen, b
+
+
+def test_grid_coefficients_travel_in_three_bytes_and_keep_each_weight_where_it_was() -> None:
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=1200).astype(np.float32)
+    a[:30] = rng.uniform(5, 9, size=30)  # off the grid (|a| > 3.97): float16, escaped
+    refs = rng.normal(scale=0.1, size=M).astype(np.float32)
+    state, chosen, b = _grid_state(a, refs)
+    frozen_a = state.frozen_a[chosen]
+    # On the grid where it fits, float16 elsewhere; never off by more than half a step.
+    codes = frozen_a[30:] / np.float32(A_GRID_STEP)
+    np.testing.assert_array_equal(codes, np.rint(codes))
+    assert np.max(np.abs(frozen_a[30:] - a[30:])) <= A_GRID_STEP / 2
+    np.testing.assert_allclose(frozen_a[:30], a[:30], rtol=2**-11)
+    # b moved so that each weight keeps, at those references, the value the fit gave it
+    # (up to float16 b: about 1e-4 here).
+    fitted = a * refs[state.modes[chosen]] + b
+    np.testing.assert_allclose(state.embedded_values(refs), fitted, atol=2e-4)
+    moved = state.embedded_values(refs + 1.0)  # the references move on: now a's rounding shows
+    assert np.max(np.abs(moved - (fitted + a))) > A_GRID_STEP / 4
+    # Wire: one byte for a (three for an escaped one), two for b; back bitwise.
+    delta = full_state(state)
+    back = StateDelta.from_array_record(delta.to_array_record(N, M), N, M)
+    _same(apply_delta(None, back), state)
+    half = EmbeddingState(np.arange(N) % M, np.arange(M))
+    half.round_coefficients = True
+    half.embed(chosen, a, b)
+    half.version += 1
+    assert _blob_size(full_state(half)) - _blob_size(delta) == 1200 - 2 * 30
+
+
+def test_mode_ids_travel_in_as_few_bits_as_the_modes_need() -> None:
+    rng = np.random.default_rng(3)
+    for n_modes, bits in ((1, 1), (2, 1), (3, 2), (4, 2), (5, 4), (16, 4), (17, 8), (255, 8)):
+        assert mode_id_bits(n_modes) == bits
+        for n in (1, 7, 8, 1001):
+            modes = rng.integers(0, n_modes, size=n)
+            packed = pack_mode_ids(modes, n_modes)
+            assert len(packed) == -(-n * bits // 8)
+            np.testing.assert_array_equal(unpack_mode_ids(packed, n, n_modes), modes)
+    # A full state's mode ids: N / 4 bytes for M = 4, not N.
+    state, _ = _state(rounded=True)
+    full = full_state(state)
+    same_embeds = dataclasses.replace(full, from_version=1, modes=None, references=None)
+    extra = _blob_size(full) - _blob_size(same_embeds)  # the ids and the reference set
+    assert N // 4 <= extra < N // 4 + 16
+
+
+@pytest.mark.parametrize(
+    ("blob", "n", "n_modes", "match"),
+    [
+        (bytes([0b01_10_01_00]), 3, 4, "padding bits"),  # a 4th id, of 3, is set
+        (bytes([0b11_10_01_00, 0]), 4, 4, "expected 1"),  # one byte too many
+        (bytes([0x05]), 1, 5, r"mode id is >= n_modes 5"),  # 4 bits, id 5 of 5 modes
+        (b"", 3, 4, "expected 1"),
+    ],
+)
+def test_malformed_mode_ids_are_refused(blob: bytes, n: int, n_modes: int, match: str) -> None:
+    with pytest.raises(WireFormatError, match=match):
+        unpack_mode_ids(blob, n, n_modes)
+
+
+def test_a_grid_code_blob_cut_short_is_refused() -> None:
+    rng = np.random.default_rng(4)
+    state, _, _ = _grid_state(rng.normal(size=1200).astype(np.float32), np.zeros(M, np.float32))
+    record = full_state(state).to_array_record(N, M)
+    blob = record["cmd-state"].numpy()
+    record["cmd-state"] = type(record["cmd-state"])(blob[:-3].copy())
+    with pytest.raises(WireFormatError, match="truncated"):
+        StateDelta.from_array_record(record, N, M)
+
+
+def test_grid_coefficients_through_the_apps_cut_the_state_and_keep_nodes_in_step(
+    tmp_path: Path,
+) -> None:
+    # The real ServerApp and ClientApp: the clients rebuild the same CMD model from the
+    # one-byte a (no reply rejected: every checksum matched), for a third less state.
+    exact, _ = simulate(tmp_path / "float32", cmd_coefficients="float32")
+    grid, _ = simulate(tmp_path / "grid", cmd_coefficients="grid")
+    for outcome in (exact, grid):
+        assert outcome.summary["rejected_replies"]["total"] == 0
+    state = outcome_state(grid)
+    emb = state.embedded_indices
+    assert emb.size > 0 and state.a_on_grid
+    on_grid = state.frozen_a[emb] / np.float32(A_GRID_STEP)
+    assert np.mean(on_grid == np.rint(on_grid)) > 0.75  # digits: ~87 %, the rest |a| > 3.97
+    ratio = grid.summary["total_state_bytes"] / exact.summary["total_state_bytes"]
+    # About 3.3 bytes of coefficients a weight instead of 8; the same ids and index sets.
+    assert ratio < 0.6
+    assert grid.summary["final_accuracy"] > exact.summary["final_accuracy"] - 0.05
+
+
+def outcome_state(outcome: RunOutcome) -> EmbeddingState:
+    """The server's CMD state at the end of a run."""
+    strategy = outcome.strategy
+    assert isinstance(strategy, CMDStrategy) and strategy.state is not None
+    return strategy.state
