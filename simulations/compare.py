@@ -96,6 +96,12 @@ METHODS: dict[str, Method] = {
     "fedavg-topk": Method("FedAvg + top-10 %", {"strategy": "fedavg", "codec": "topk"}),
     "cmd-int8": Method("CMD + int8", {"strategy": "cmd", "codec": "int8"}),
     "cmd-topk": Method("CMD + top-10 %", {"strategy": "cmd", "codec": "topk"}),
+    # The compact state (cmd-coefficients = grid: one-byte a, float16 b), for clients that
+    # get the whole state rarely (cross-device); alone and under int8.
+    "cmd-grid": Method("CMD, one-byte a", {"strategy": "cmd", "cmd-coefficients": "grid"}),
+    "cmd-int8-grid": Method(
+        "CMD + int8, one-byte a", {"strategy": "cmd", "codec": "int8", "cmd-coefficients": "grid"}
+    ),
 }
 
 # Data settings: how the training set is split over the clients.
