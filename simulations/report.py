@@ -62,6 +62,7 @@ TABLE_COLUMNS: tuple[Column, ...] = (
     Column("MB up", "mb_up", 1.0, 3),
     Column("MB down", "mb_down", 1.0, 3),
     Column("saved vs FedAvg (%)", "savings_vs_fedavg", 100.0, 1),
+    Column("CMD state (% of MB)", "state_share", 100.0, 1),
     Column("accuracy at equal MB", "accuracy_at_budget", 1.0, 4),
     Column("server wall time (s)", "wall_time_s", 1.0, 1),
     Column("process wall time (s)", "process_wall_s", 1.0, 1),
@@ -202,6 +203,13 @@ def aggregate_method(
         "mb_up": stat([run["total_bytes_up"] / MB for run in runs]),
         "mb_down": stat([run["total_bytes_down"] / MB for run in runs]),
         "mb_total": stat([_total_bytes(run) / MB for run in runs]),
+        "state_share": stat(
+            [
+                run.get("total_state_bytes", 0) / _total_bytes(run)
+                for run in runs
+                if _total_bytes(run)
+            ]
+        ),
         "savings_vs_fedavg": stat(
             [1.0 - _total_bytes(run) / _total_bytes(base) for run, base in paired]
         ),
