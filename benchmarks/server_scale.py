@@ -35,11 +35,13 @@ processes on the machine slow them down (the load average is printed).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import ctypes
 import gc
 import logging
 import os
 import platform
+import pstats
 import shlex
 import sys
 import time
@@ -62,6 +64,7 @@ from cmd_fl.coded import CODED_UPDATE, CodedUpdate
 from cmd_fl.embedding import EmbeddingSchedule, EmbeddingState
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger
+from cmd_fl.online import OnlineCMD
 from cmd_fl.payload import (
     CMD_MODEL,
     DENSE_MODEL,
@@ -74,6 +77,7 @@ from cmd_fl.payload import (
 from cmd_fl.sync import EmbeddingHistory
 from cmd_fl.wire import pack_tensors
 from simulations.task import FashionMnistCnn, cifar_resnet18
+from strategies.aggregation import RunningAverage
 from strategies.cmd_strategy import CMDOptions, CMDStrategy
 from strategies.metered import MeteredFedAvg
 
@@ -213,6 +217,7 @@ class RoundResult:
     rss_rise_bytes: int | None
     rss_peak_bytes: int | None
     accepted: int
+    shares: dict[str, float] | None = None  # step -> share of aggregate_train's time
 
     @property
     def total_s(self) -> float:
@@ -232,6 +237,13 @@ class RoundResult:
             f"{per_weight(self.traced_peak_bytes) if traced else '-':>10} "
             f"{per_weight(self.rss_rise_bytes):>8} {peak:>11}"
         )
+
+    def profile_row(self) -> str:
+        """The shares of aggregate_train's time, or "" without ``--profile``."""
+        if self.shares is None:
+            return ""
+        parts = ", ".join(f"{step} {100 * share:.1f} %" for step, share in self.shares.items())
+        return f"  aggregate_train: {parts}"
 
 
 def _rss_bytes(field: str) -> int | None:
@@ -367,13 +379,53 @@ class PhasePeak:
             self.rss_rise = self.rss_peak - self._rss_start
 
 
+def _code_key(function: Callable[..., object]) -> tuple[str, int, str]:
+    """How cProfile names a Python function."""
+    code = function.__code__
+    return code.co_filename, code.co_firstlineno, code.co_name
+
+
+def aggregate_shares(stats: pstats.Stats, strategy: MeteredFedAvg) -> dict[str, float]:
+    """The share of ``aggregate_train``'s time (cumulative, profiled) spent in each step it
+    calls: metering, parsing and validating, the magnitude check, adding into the running
+    average, building the new model, the online CMD update, and building the lazy replies
+    (the benchmark's stand-in for the Grid's reception)."""
+    table: dict[tuple[str, int, str], Any] = stats.stats  # type: ignore[attr-defined]
+    top = _code_key(type(strategy).aggregate_train)
+    parents = {top, _code_key(MeteredFedAvg.aggregate_train)}
+    steps: dict[str, list[Callable[..., object]]] = {
+        "metering": [ByteLedger.record_message],
+        "parsing": [type(strategy).parse_train_reply, MeteredFedAvg.parse_train_reply],
+        "magnitudes": [MeteredFedAvg._check_magnitudes],
+        "adding": [RunningAverage.add],
+        "new model": [RunningAverage.result, type(strategy).apply_average],
+        "online CMD": [OnlineCMD.update],
+        "building replies": [LazyReplies.__getitem__],
+    }
+    total = table[top][3] if top in table else 0.0
+    shares = {}
+    for step, functions in steps.items():
+        seconds = 0.0
+        for key in {_code_key(f) for f in functions}:
+            callers = table.get(key, (0, 0, 0.0, 0.0, {}))[4]
+            seconds += sum(v[3] for caller, v in callers.items() if caller in parents)
+        shares[step] = seconds / total if total else 0.0
+    return shares
+
+
 def run_round(
-    setup: Setup, strategy: MeteredFedAvg, grid: NodeGrid, server_round: int, trace: bool
+    setup: Setup,
+    strategy: MeteredFedAvg,
+    grid: NodeGrid,
+    server_round: int,
+    trace: bool,
+    profile: bool = False,
 ) -> RoundResult:
     """Configure one round, answer it with ``len(grid.node_ids)`` lazy replies, aggregate them.
 
     Memory is measured in each of the two server steps; building the pool in between is the
-    benchmark's work and is not counted.
+    benchmark's work and is not counted. With ``profile``, aggregate_train runs under cProfile
+    (its times then include the profiler's overhead) and the result has its steps' shares.
     """
     with PhasePeak(trace) as configure_peak:
         start = time.perf_counter()
@@ -395,10 +447,16 @@ def run_round(
         return MetricRecord(values)
 
     replies = LazyReplies(instructions, pool, metrics)
+    profiler = cProfile.Profile() if profile else None
     with PhasePeak(trace, collect=False) as aggregate_peak:
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if profiler is not None:
+            profiler.disable()
         aggregate_s = time.perf_counter() - start
+    shares = None if profiler is None else aggregate_shares(pstats.Stats(profiler), strategy)
     if arrays is None or train_metrics is None:
         raise RuntimeError(f"round {server_round} kept the previous model: {strategy.rejections}")
     setup.arrays = arrays
@@ -416,6 +474,7 @@ def run_round(
         max(rises) if rises else None,
         max(peaks) if peaks else None,
         int(train_metrics["num-replies"]),  # type: ignore[arg-type]
+        shares,
     )
 
 
@@ -434,6 +493,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also trace allocations (tracemalloc; it about doubles the time per reply)",
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the share of aggregate_train's time per step (cProfile; slower)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -443,7 +507,7 @@ def main(argv: list[str] | None = None) -> list[RoundResult]:
     args = parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.ERROR)  # FedAvg's and the rounds' info lines
     shown = sys.argv[1:] if argv is None else argv
-    print(f"$ python -m benchmarks.server_scale {shlex.join(shown)}")
+    print(" ".join(["$ python -m benchmarks.server_scale", *map(shlex.quote, shown)]))
     model = MODELS[args.model]()
     layout = ParameterLayout.from_module(model)
     arrays = ArrayRecord(
@@ -469,11 +533,13 @@ def main(argv: list[str] | None = None) -> list[RoundResult]:
             grid = NodeGrid(nodes)
             first = CMD_WARMUP + 1 if method == "cmd" else 1
             for server_round in range(first, first + args.rounds):
-                result = run_round(setup, strategy, grid, server_round, args.trace)
+                result = run_round(setup, strategy, grid, server_round, args.trace, args.profile)
                 results.append(result)
                 if result.accepted != n_replies:
                     raise RuntimeError(f"rejected replies: {strategy.rejections}")
                 print(result.row(n, args.trace), flush=True)
+                if result.shares is not None:
+                    print(result.profile_row(), flush=True)
             del strategy, setup, grid
     return results
 

@@ -22,3 +22,13 @@ def test_every_method_aggregates_every_lazy_reply(capsys: pytest.CaptureFixture[
     printed = capsys.readouterr().out
     assert printed.startswith("$ python -m benchmarks.server_scale --model fashion-cnn")
     assert len([line for line in printed.splitlines() if line.startswith("fedavg-int8")]) == 4
+
+
+def test_the_profile_splits_aggregate_train_into_its_steps() -> None:
+    (result,) = server_scale.main(
+        ["--model", "fashion-cnn", "--replies", "4", "--methods", "cmd", "--profile"]
+    )
+    assert result.shares is not None
+    assert set(result.shares) >= {"metering", "parsing", "adding", "online CMD"}
+    assert all(share > 0 for share in result.shares.values())
+    assert sum(result.shares.values()) <= 1.0
