@@ -11,7 +11,7 @@ exact.
 
 Error feedback on the downlink needs no residual of its own: the server keeps its global model
 at full precision and adds the round's averaged update to it (not to the public model the
-clients trained from; see `MeteredFedAvg.aggregate_replies`), so whatever the codec left out
+clients trained from; see `MeteredFedAvg.apply_average`), so whatever the codec left out
 of ``target - base`` is still in the next round's gap, and is sent then.
 
 A node that does not hold the base version (new, missed a round, its reply was lost) is sent

@@ -48,7 +48,6 @@ from cmd_fl.payload import (
     model_checksum,
 )
 from cmd_fl.wire import encode_index_set, pack_tensors, unpack_tensors
-from strategies.aggregation import weighted_average
 from strategies.flat_model import FlatModelStrategy
 from strategies.metered import ParsedReply, RejectedReply
 
@@ -215,10 +214,10 @@ class APFStrategy(FlatModelStrategy):
         self._valid_nodes.add(node)
         return ParsedReply(node, metrics.pop(NUM_EXAMPLES), [model.values, *extras], metrics)
 
-    def aggregate_replies(self, server_round: int, replies: list[ParsedReply]) -> ArrayRecord:
-        """Average the active entries and extras; update the APF statistics of the active ones."""
+    def apply_average(self, server_round: int, averaged: list[np.ndarray]) -> ArrayRecord:
+        """Take the averaged active entries and extras; update the APF statistics of the active
+        ones."""
         assert self.global_flat is not None
-        averaged = weighted_average([r.arrays for r in replies], [r.num_examples for r in replies])
         values, *extras = averaged
         before = self.global_flat
         after = before.copy()

@@ -38,7 +38,6 @@ from cmd_fl.payload import (
 from cmd_fl.posthoc import CMDFit
 from cmd_fl.sync import EmbeddingHistory
 from cmd_fl.wire import pack_tensors, unpack_tensors
-from strategies.aggregation import weighted_average
 from strategies.flat_model import FlatModelStrategy
 from strategies.metered import ParsedReply, RejectedReply, finite_extras, only_record
 
@@ -343,11 +342,11 @@ class CMDStrategy(FlatModelStrategy):
         n_free = self.state.free_indices.size
         return CMDModel(values[:n_free], values[n_free:], coded.extras)
 
-    def aggregate_replies(self, server_round: int, replies: list[ParsedReply]) -> ArrayRecord:
-        """Average; in the CMD phase rebuild the full model from the averaged parts."""
+    def apply_average(self, server_round: int, averaged: list[np.ndarray]) -> ArrayRecord:
+        """Dense in warm-up; in the CMD phase rebuild the full model from the averaged parts
+        (free vector, references, the probe's embedded values, extras)."""
         if self.state is None:
-            return super().aggregate_replies(server_round, replies)
-        averaged = weighted_average([r.arrays for r in replies], [r.num_examples for r in replies])
+            return super().apply_average(server_round, averaged)
         free, refs, *rest = averaged
         probe = server_round in self._probe_rounds
         trained_embedded = rest.pop(0) if probe else None

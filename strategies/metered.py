@@ -7,7 +7,7 @@ import io
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from cmd_fl.payload import (
     model_checksum,
 )
 from cmd_fl.wire import WireFormatError, from_array_record, pack_tensors, unpack_tensors
-from strategies.aggregation import weighted_average
+from strategies.aggregation import RunningAverage
 
 logger = logging.getLogger("flwr.cmd_fl")
 
@@ -63,6 +63,17 @@ class ParsedReply:
     num_examples: float
     arrays: list[np.ndarray]
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Envelope:
+    """What the first pass of `MeteredFedAvg.aggregate_train` keeps of one reply."""
+
+    index: int  # arrival order
+    node_id: int
+    problem: str | None  # why the reply cannot be trusted, from `_reply_node`
+    payload_bytes: int
+    digest: str  # the content's object id: the summation order
 
 
 def only_record(content: RecordDict, name: str) -> ArrayRecord:
@@ -280,28 +291,62 @@ class MeteredFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Meter, validate and average the replies; None keeps the previous model."""
+        """Meter, validate and average the replies one at a time; None keeps the previous model.
+
+        A first pass, in arrival order, reads each reply's envelope (its node, so that a node
+        that replied twice loses every reply, and its size) and meters it. The second parses and
+        validates one reply at a time and adds it into a `RunningAverage`, dropping its parsed
+        arrays before the next is read: the server holds one parsed model, however many replies
+        there are. It takes them in the order of their content's digest (Flower's content
+        address ``RecordDict.object_id``, a SHA-256 tree over the reply's raw bytes that the
+        ledger has just computed), not in arrival order, so the float sums, and with them a run
+        with the same seed, repeat bitwise. Rejections are recorded in arrival order.
+
+        ``replies`` is read twice: a ``Sequence`` is indexed (it may build its messages on
+        demand), any other iterable is listed first (its messages, not their parsed arrays).
+        """
+        messages = replies if isinstance(replies, Sequence) else list(replies)
         instructions = {
             m.metadata.message_id: m.metadata.dst_node_id
             for m in self._instructions.pop(server_round, [])
             if m.metadata.message_id
         }
-        resolved = [(reply, *self._reply_node(reply, instructions)) for reply in replies]
-        counts = Counter(node_id for _, node_id, _ in resolved)
-        accepted: list[ParsedReply] = []
-        for reply, node_id, problem in resolved:
+        envelopes: list[_Envelope] = []
+        for index, reply in enumerate(messages):
+            node_id, problem = self._reply_node(reply, instructions)
             row = self.ledger.record_message(server_round, "train", "up", node_id, reply)
             if self.downlink is not None and not problem:
                 self.downlink.note_reply(node_id, self._proves_model(server_round, reply))
+            digest = reply.content.object_id if reply.has_content() else ""
+            envelopes.append(_Envelope(index, node_id, problem, row.payload_bytes, digest))
+        counts = Counter(envelope.node_id for envelope in envelopes)
+        failures: dict[int, tuple[int, str]] = {}  # arrival index -> (node, reason)
+        candidates: list[_Envelope] = []
+        for envelope in envelopes:
             try:
-                if problem:
-                    raise RejectedReply(problem)
-                self._check_envelope(server_round, node_id, counts[node_id], row.payload_bytes)
-                parsed = self.parse_train_reply(server_round, reply)
+                if envelope.problem:
+                    raise RejectedReply(envelope.problem)
+                count = counts[envelope.node_id]
+                self._check_envelope(server_round, envelope.node_id, count, envelope.payload_bytes)
+                candidates.append(envelope)
+            except RejectedReply as err:
+                failures[envelope.index] = (envelope.node_id, str(err))
+
+        average = RunningAverage()
+        accepted: list[tuple[float, dict[str, float]]] = []  # (num-examples, metrics)
+        for envelope in sorted(candidates, key=lambda e: e.digest):
+            try:
+                parsed = self.parse_train_reply(server_round, messages[envelope.index])
                 self._check_magnitudes(parsed)
-                accepted.append(parsed)
+                average.add(parsed.arrays, parsed.num_examples)  # all or nothing
             except (RejectedReply, WireFormatError, KeyError, TypeError, ValueError) as err:
-                self.reject(server_round, node_id, str(err))
+                failures[envelope.index] = (envelope.node_id, str(err))
+                continue
+            accepted.append((parsed.num_examples, parsed.metrics))
+            del parsed  # before the next reply is parsed
+        for index in sorted(failures):
+            self.reject(server_round, *failures[index])
+
         if len(accepted) < max(1, self.min_valid_replies):
             logger.warning(
                 "round %d: %d valid replies (< %d): the model is unchanged",
@@ -310,12 +355,14 @@ class MeteredFedAvg(FedAvg):
                 max(1, self.min_valid_replies),
             )
             return None, None
-        weights = [r.num_examples for r in accepted]
-        arrays = self.aggregate_replies(server_round, accepted)
+        averaged = average.result()
+        del average  # its float64 sums, before the subclass builds the new model
+        arrays = self.apply_average(server_round, averaged)
+        weights = [examples for examples, _ in accepted]
         metrics = MetricRecord({NUM_EXAMPLES: int(sum(weights)), "num-replies": len(accepted)})
-        keys = sorted(set.intersection(*(set(r.metrics) for r in accepted)))
+        keys = sorted(set.intersection(*(set(m) for _, m in accepted)))
         for key in keys:
-            values = [r.metrics[key] for r in accepted]
+            values = [m[key] for _, m in accepted]
             metrics[key] = float(np.average(values, weights=weights))
         return arrays, metrics
 
@@ -442,15 +489,15 @@ class MeteredFedAvg(FedAvg):
         metrics.pop(MODEL_CHECKSUM, None)
         return metrics
 
-    def aggregate_replies(self, server_round: int, replies: list[ParsedReply]) -> ArrayRecord:
-        """Weighted average of dense replies, dtypes kept.
+    def apply_average(self, server_round: int, averaged: list[np.ndarray]) -> ArrayRecord:
+        """The round's new global model from the weighted average of the accepted replies'
+        arrays (`ParsedReply.arrays` order: the global model's arrays), dtypes kept.
 
         With a coded downlink the clients trained from the public model, which lags the global
         one; the lag is added back, so the averaged update lands on the global model and what
         the downlink has not delivered yet is sent in later rounds (error feedback).
         """
         assert self._global is not None
-        averaged = weighted_average([r.arrays for r in replies], [r.num_examples for r in replies])
         keys = list(self._global.keys())
         if self._downlink_lag is not None:
             state = dict(zip(keys, averaged, strict=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strategies.aggregation import weighted_average
+from strategies.aggregation import BLOCK, RunningAverage, weighted_average
 
 
 def _clients(n_clients: int, seed: int) -> tuple[list[list[np.ndarray]], list[float]]:
@@ -94,3 +94,83 @@ def test_boolean_buffers_are_a_weighted_majority() -> None:
     (averaged,) = weighted_average(clients, [1.0, 1.0, 3.0])
     assert averaged.dtype == np.bool_
     assert averaged.tolist() == [False, False, False, True]
+
+
+def test_running_average_is_the_float64_weighted_sum_in_the_order_added() -> None:
+    # Prepare: arrays longer than a block (the sums run block by block), a 0-d one, integers
+    rng = np.random.default_rng(6)
+    clients: list[list[np.ndarray]] = [
+        [
+            rng.standard_normal(BLOCK * 2 + 7).astype(np.float32).reshape(-1, 1),
+            np.array(rng.standard_normal(), dtype=np.float32),
+            rng.integers(0, 1000, size=5).astype(np.int64),
+        ]
+        for _ in range(7)
+    ]
+    weights = [float(w) for w in rng.integers(1, 500, size=len(clients))]
+
+    # Execute
+    average = RunningAverage()
+    for arrays, weight in zip(clients, weights, strict=True):
+        average.add(arrays, weight)
+    got = average.result()
+
+    # Assert: bitwise the plain float64 sum in the same order, then one division
+    total = sum(weights)
+    for k, array in enumerate(got):
+        sums = np.zeros(array.shape)
+        for client, weight in zip(clients, weights, strict=True):
+            sums = sums + client[k].astype(np.float64) * weight
+        want = sums / total
+        if array.dtype.kind == "i":
+            want = np.rint(want)
+        assert array.dtype == clients[0][k].dtype and array.shape == clients[0][k].shape
+        assert array.tobytes() == np.asarray(want.astype(array.dtype)).tobytes()
+    mean = np.average(np.stack([c[0] for c in clients]), axis=0, weights=weights)
+    np.testing.assert_allclose(got[0], mean, rtol=1e-6, atol=1e-7)
+
+
+def test_a_client_that_does_not_match_is_refused_before_anything_is_added() -> None:
+    # Prepare
+    first: list[np.ndarray] = [np.arange(4, dtype=np.float32), np.ones(2, dtype=np.float32)]
+    average = RunningAverage()
+    average.add(first, 2.0)
+    # Execute / Assert: a wrong shape in the last array, a wrong dtype, a missing array
+    refused: list[list[np.ndarray]] = [
+        [np.full(4, 9, np.float32), np.ones(3, np.float32)],
+        [np.full(4, 9, np.float32), np.ones(2, np.float64)],
+        [np.full(4, 9, np.float32)],
+    ]
+    for bad in refused:
+        with pytest.raises(ValueError, match="differ"):
+            average.add(bad, 1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        average.add(first, -1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        average.add(first, float("nan"))
+    # Nothing of the refused clients is in the sums: the average is the first client's alone
+    assert average.count == 1
+    for got, want in zip(average.result(), first, strict=True):
+        assert got.tobytes() == want.tobytes()
+
+
+def test_a_running_average_of_nothing_or_of_zero_weight_is_refused() -> None:
+    with pytest.raises(ValueError, match="nothing to average"):
+        RunningAverage().result()
+    average = RunningAverage()
+    average.add([np.ones(3)], 0.0)
+    with pytest.raises(ValueError, match="positive"):
+        average.result()
+
+
+def test_an_array_alike_in_every_client_comes_back_bitwise_beside_one_that_differs() -> None:
+    # Prepare: the first array differs from the second client on, the second never does
+    same = np.linspace(0, 1, 10)
+    average = RunningAverage()
+    average.add([np.zeros(3), same.copy()], 1.0)
+    average.add([np.ones(3), same.copy()], 3.0)
+    # Execute
+    changing, kept = average.result()
+    # Assert
+    np.testing.assert_array_equal(changing, np.full(3, 0.75))
+    assert kept.tobytes() == same.tobytes()

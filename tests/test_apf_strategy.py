@@ -35,7 +35,6 @@ from simulations.server_app import RunOutcome, run
 from simulations.settings import RunSettings
 from simulations.task import build_model, train
 from strategies.apf_strategy import APFStrategy
-from strategies.metered import ParsedReply
 from tests.inprocess_grid import Exchange, Failure, InProcessGrid, Tamper, network_bytes
 from tests.test_checkpoint import CrashingGrid, Killed
 from tests.test_flower_apps import simulate as run_apps
@@ -79,16 +78,16 @@ def test_frozen_parameters_never_cross_the_wire(
 ) -> None:
     # Prepare: record what the server holds before and after each aggregation.
     rounds: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    aggregate = APFStrategy.aggregate_replies
+    apply_average = APFStrategy.apply_average
 
-    def spy(self: APFStrategy, server_round: int, replies: list[ParsedReply]) -> ArrayRecord:
+    def spy(self: APFStrategy, server_round: int, averaged: list[np.ndarray]) -> ArrayRecord:
         assert self.global_flat is not None
         before, active = self.global_flat.copy(), self.active.copy()
-        arrays = aggregate(self, server_round, replies)
+        arrays = apply_average(self, server_round, averaged)
         rounds[server_round] = (active, before, self.global_flat.copy())
         return arrays
 
-    monkeypatch.setattr(APFStrategy, "aggregate_replies", spy)
+    monkeypatch.setattr(APFStrategy, "apply_average", spy)
 
     # Execute
     outcome, grid = simulate(tmp_path, num_server_rounds=8 if apf is SHORT_ALPHA else 6, **apf)

@@ -19,10 +19,13 @@ BAD_ROUND = WARMUP + 2
 
 
 def _corrupting_event(
-    selector: EmbeddingSelector, fit: CMDFit, state: EmbeddingState
+    selector: EmbeddingSelector,
+    fit: CMDFit,
+    state: EmbeddingState,
+    reference_values: np.ndarray | None = None,
 ) -> np.ndarray:
     """The real event, except that at BAD_ROUND it freezes wildly wrong coefficients."""
-    chosen = embedding_event(selector, fit, state)
+    chosen = embedding_event(selector, fit, state, reference_values)
     if state.version == 1 + (BAD_ROUND - WARMUP) and chosen.size:
         state.embed(chosen, -3.0 * fit.a[chosen], fit.b[chosen] + 1.0)
     return chosen
