@@ -25,10 +25,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flwr.clientapp import ClientApp
 
+from cmd_fl.layout import ParameterLayout
+from cmd_fl.ledger import ByteLedger
 from simulations import compare, report
+from simulations.server_app import make_strategy
 from simulations.settings import RunSettings
+<<<<<<< HEAD
 from tests.inprocess_grid import csv_network_bytes
+=======
+from simulations.task import build_model
+from tests.inprocess_grid import InProcessGrid
+>>>>>>> cross-device
 
 REPO = Path(__file__).resolve().parents[1]
 E2E_TIMEOUT_S = 900  # the quick preset takes 2-3 min on 2 idle cores; this bounds a hung run
@@ -401,6 +410,45 @@ def test_unknown_method_and_undeclared_keys_fail_clearly(tmp_path: Path) -> None
     # The quick preset's APF is optional: left out with a note, not an error.
     plan = compare.make_plan("quick", tmp_path, declared=declared)
     assert plan.methods == ["fedavg", "cmd"] and "apf" in plan.skipped_methods
+
+
+def test_cross_device_preset_samples_10_of_100_clients_for_100_rounds(tmp_path: Path) -> None:
+    # Prepare
+    plan = compare.make_plan("cross-device", tmp_path)
+    settings = [RunSettings.from_run_config(spec.config) for spec in plan.runs]
+    fedavg = next(s for s in settings if s.strategy == "fedavg" and s.codec == "none")
+    layout = ParameterLayout.from_module(build_model(fedavg.dataset))
+    strategy = make_strategy(fedavg, layout, ByteLedger())
+    grid = InProcessGrid(ClientApp(), plan.preset.supernodes, fedavg.to_run_config())
+
+    # Execute: the sampling of 20 rounds, as the ServerApp's strategy does it
+    sampled = [strategy.sample_train_nodes(grid) for _ in range(20)]
+
+    # Assert: the plan
+    assert plan.preset.supernodes == 100
+    assert plan.settings == ["dirichlet"] and plan.seeds == [0, 1]
+    assert plan.methods == ["fedavg", "fedavg-int8", "cmd", "cmd-int8"]
+    assert [s.run_name for s in plan.runs][:4] == [
+        "dirichlet-fedavg-s0",
+        "dirichlet-fedavg-int8-s0",
+        "dirichlet-cmd-s0",
+        "dirichlet-cmd-int8-s0",
+    ]
+    for s in settings:
+        assert (s.dataset, s.train_subset, s.num_partitions) == ("fashion-mnist", 0, 100)
+        assert (s.partitioning, s.dirichlet_alpha) == ("dirichlet", 0.5)
+        assert (s.num_server_rounds, s.fraction_train) == (100, 0.1)
+        # A round that waited for more nodes than there are SuperNodes would never start.
+        assert s.min_available_nodes == plan.preset.supernodes
+    assert {(s.strategy, s.codec) for s in settings} == {
+        ("fedavg", "none"),
+        ("fedavg", "int8"),
+        ("cmd", "none"),
+        ("cmd", "int8"),
+    }
+    # Assert: exactly 10 distinct nodes per round, as the strategy samples them
+    assert all(len(ids) == len(set(ids)) == 10 for ids in sampled)
+    assert len({tuple(ids) for ids in sampled}) > 1  # a new sample every round
 
 
 def test_run_config_file_round_trips_through_toml(tmp_path: Path) -> None:
