@@ -32,12 +32,8 @@ from cmd_fl.ledger import ByteLedger
 from simulations import compare, report
 from simulations.server_app import make_strategy
 from simulations.settings import RunSettings
-<<<<<<< HEAD
-from tests.inprocess_grid import csv_network_bytes
-=======
 from simulations.task import build_model
-from tests.inprocess_grid import InProcessGrid
->>>>>>> cross-device
+from tests.inprocess_grid import InProcessGrid, csv_network_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 E2E_TIMEOUT_S = 900  # the quick preset takes 2-3 min on 2 idle cores; this bounds a hung run
