@@ -37,6 +37,7 @@ from simulations.task import build_model
 from strategies.cmd_strategy import CMDStrategy
 
 NEW_NODE = 4242  # a node id the run never saw
+PRECISIONS = ("float32", "float16", "grid")  # cmd-coefficients, finest first
 RUN_ID = 8_346_523_987_123_456_789  # a 64-bit run id, as the SuperLink makes them
 
 
@@ -109,7 +110,9 @@ def report(run_dir: Path) -> None:
         f"|a| <= 3.97 (on the grid): {100 * np.mean(np.abs(on_grid) <= 127):.1f} %"
     )
     print(f"  dense FedAvg message: {dense:,} B")
-    for precision in ("as run", "float16", "grid"):
+    # Only coarser precisions than the run's: rounded coefficients cannot be refined again.
+    coarser = PRECISIONS[PRECISIONS.index(settings.coefficient_precision()) + 1 :]
+    for precision in ("as run", *coarser):
         if precision != "as run":
             recoded(state, references, precision)
         total, state_bytes = first_message_bytes(strategy)
