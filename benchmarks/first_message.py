@@ -26,18 +26,17 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from cmd_fl.checkpoint import load_checkpoint
-from cmd_fl.embedding import EmbeddingState, _nearest_float16
+from cmd_fl.embedding import EmbeddingState
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger
 from cmd_fl.payload import CONFIG, DENSE_MODEL
-from cmd_fl.wire import snap_to_a_grid
+from cmd_fl.wire import A_GRID_STEP, snap_to_a_grid
 from simulations.server_app import CHECKPOINT_FILE, make_strategy
 from simulations.settings import RunSettings
 from simulations.task import build_model
-from strategies.cmd_strategy import CMDStrategy
+from strategies.cmd_strategy import COEFFICIENT_PRECISIONS, CMDStrategy
 
 NEW_NODE = 4242  # a node id the run never saw
-PRECISIONS = ("float32", "float16", "grid")  # cmd-coefficients, finest first
 RUN_ID = 8_346_523_987_123_456_789  # a 64-bit run id, as the SuperLink makes them
 
 
@@ -82,16 +81,11 @@ def _measure(message: Message) -> tuple[int, int]:
 
 
 def recoded(state: EmbeddingState, references: np.ndarray, precision: str) -> None:
-    """Put the state's coefficients in ``precision`` as `EmbeddingState.embed` would have."""
+    """Re-embed the embedded weights in ``precision``, as `EmbeddingState.embed` does it."""
     emb = state.embedded_indices
-    a, b = state.frozen_a[emb], state.frozen_b[emb]
-    if precision == "grid":
-        snapped = snap_to_a_grid(a)
-        b = b + (a - snapped) * references[state.modes[emb]]
-        a = snapped
-    state.frozen_a[emb] = _nearest_float16(a)
-    state.frozen_b[emb] = _nearest_float16(b.astype(np.float32))
-    state.embed(emb, state.frozen_a[emb], state.frozen_b[emb])  # refresh the cached views
+    state.round_coefficients = precision == "float16"
+    state.a_on_grid = precision == "grid"
+    state.embed(emb, state.frozen_a[emb].copy(), state.frozen_b[emb].copy(), references)
 
 
 def report(run_dir: Path) -> None:
@@ -102,7 +96,7 @@ def report(run_dir: Path) -> None:
     references = strategy.global_flat[state.references]
     dense = dense_message_bytes(strategy)
     emb = state.embedded_indices
-    on_grid = snap_to_a_grid(state.frozen_a[emb]) / np.float32(1 / 32)
+    on_grid = snap_to_a_grid(state.frozen_a[emb]) / np.float32(A_GRID_STEP)
     print(
         f"{run_dir.name}: N = {state.n_weights:,}, M = {state.n_modes}, "
         f"{100 * state.embedded_fraction:.1f} % embedded, state version {state.version}, "
@@ -111,7 +105,8 @@ def report(run_dir: Path) -> None:
     )
     print(f"  dense FedAvg message: {dense:,} B")
     # Only coarser precisions than the run's: rounded coefficients cannot be refined again.
-    coarser = PRECISIONS[PRECISIONS.index(settings.coefficient_precision()) + 1 :]
+    precisions = COEFFICIENT_PRECISIONS  # finest first
+    coarser = precisions[precisions.index(settings.coefficient_precision()) + 1 :]
     for precision in ("as run", *coarser):
         if precision != "as run":
             recoded(state, references, precision)

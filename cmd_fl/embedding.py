@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cmd_fl.posthoc import CMDFit
-from cmd_fl.wire import snap_to_a_grid
+from cmd_fl.wire import nearest_float16, snap_to_a_grid
 
 
 @dataclass(frozen=True)
@@ -207,9 +207,9 @@ class EmbeddingState:
             if reference_values is not None:
                 refs = np.asarray(reference_values, dtype=np.float32)[self.modes[idx]]
                 b32 = (b32 + (a32 - snapped) * refs).astype(np.float32)
-            a32, b32 = snapped, _nearest_float16(b32)
+            a32, b32 = snapped, nearest_float16(b32)
         elif self.round_coefficients:
-            a32, b32 = _nearest_float16(a32), _nearest_float16(b32)
+            a32, b32 = nearest_float16(a32), nearest_float16(b32)
         self.embedded[idx] = True
         self.frozen_a[idx] = a32
         self.frozen_b[idx] = b32
@@ -279,18 +279,12 @@ class EmbeddingState:
         """An independent copy."""
         other = EmbeddingState(self.modes, self.references, self.version)
         other.round_coefficients = self.round_coefficients
+        other.a_on_grid = self.a_on_grid
         other.embedded = self.embedded.copy()
         other.frozen_a = self.frozen_a.copy()
         other.frozen_b = self.frozen_b.copy()
         other._refresh()
         return other
-
-
-def _nearest_float16(values: np.ndarray) -> np.ndarray:
-    """``values`` rounded to float16 and back, where float16 can hold them."""
-    with np.errstate(over="ignore"):
-        rounded = values.astype(np.float16).astype(np.float32)
-    return np.where(np.isfinite(rounded), rounded, values)
 
 
 SELECTION_RULES = ("stability", "stability+fit")

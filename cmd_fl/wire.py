@@ -30,6 +30,7 @@ __all__ = [
     "encode_mode_ids",
     "from_array_record",
     "mode_id_bits",
+    "nearest_float16",
     "pack_mode_ids",
     "pack_tensors",
     "snap_to_a_grid",
@@ -327,6 +328,13 @@ def unpack_mode_ids(data: np.ndarray | bytes, n_weights: int, n_modes: int) -> n
 # --------------------------------------------------------------------------- coefficients
 
 
+def nearest_float16(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to float16 and back (float32), where float16 can hold them."""
+    with np.errstate(over="ignore"):
+        rounded = np.asarray(values, dtype=np.float32).astype(np.float16).astype(np.float32)
+    return np.where(np.isfinite(rounded), rounded, values).astype(np.float32)
+
+
 def snap_to_a_grid(a: np.ndarray) -> np.ndarray:
     """``a`` on the one-byte grid (`A_GRID_STEP`) where it fits, else to the nearest float16.
 
@@ -336,12 +344,9 @@ def snap_to_a_grid(a: np.ndarray) -> np.ndarray:
     a32 = np.asarray(a, dtype=np.float32)
     codes = np.rint(a32 / np.float32(A_GRID_STEP))
     on_grid = np.abs(codes) <= 127
-    with np.errstate(over="ignore"):
-        half = a32.astype(np.float16).astype(np.float32)
-    half = np.where(np.isfinite(half), half, a32)
     # + 0.0 turns -0.0 (a small negative a) into the 0.0 that code 0 decodes to.
     grid = codes * np.float32(A_GRID_STEP) + np.float32(0.0)
-    return np.where(on_grid, grid, half).astype(np.float32)
+    return np.where(on_grid, grid, nearest_float16(a32)).astype(np.float32)
 
 
 def _grid_codes(a: np.ndarray) -> np.ndarray | None:

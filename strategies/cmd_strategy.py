@@ -48,7 +48,7 @@ logger = logging.getLogger("flwr.cmd_fl")
 ValidateFn = Callable[[np.ndarray, list[np.ndarray]], float]
 
 
-COEFFICIENT_PRECISIONS = ("float32", "float16", "grid")
+COEFFICIENT_PRECISIONS = ("float32", "float16", "grid")  # `CMDOptions.coefficients`, finest first
 
 
 @dataclass(frozen=True)
