@@ -472,13 +472,16 @@ def write_run_config(spec: RunSpec, path: Path) -> None:
 
 # Run-config keys read only by one strategy: a run of another strategy does not depend on them.
 STRATEGY_KEY_PREFIXES = {"cmd": "cmd-", "apf": "apf-"}
+# Where a run writes, not what it computes: a report folder that was moved or copied keeps its runs.
+LOCATION_KEYS = ("results-dir",)
 
 
 def config_mismatch(requested: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
     """Keys whose value in a run's ``summary.json`` differs from the requested config.
 
     Keys that only another strategy reads (``cmd-*`` for a FedAvg or APF run, ``apf-*`` for
-    the others) are ignored, so a new CMD option does not make finished baselines rerun.
+    the others) are ignored, so a new CMD option does not make finished baselines rerun; so is
+    ``results-dir`` (the summary was found where the plan looks, wherever the run wrote it).
     """
     ignored = tuple(
         prefix
@@ -488,7 +491,9 @@ def config_mismatch(requested: dict[str, Any], recorded: dict[str, Any]) -> list
     return sorted(
         key
         for key, value in requested.items()
-        if recorded.get(key) != value and not key.startswith(ignored)
+        if recorded.get(key) != value
+        and not key.startswith(ignored)
+        and key not in LOCATION_KEYS
     )
 
 

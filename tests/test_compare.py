@@ -556,6 +556,9 @@ def test_only_keys_the_strategy_reads_make_a_run_stale() -> None:
     # A key the recorded run did not know yet counts as changed for the strategy reading it.
     old = {k: v for k, v in cmd.items() if k != "cmd-refresh-refit"}
     assert compare.config_mismatch(cmd, old) == ["cmd-refresh-refit"]
+    # A report folder copied elsewhere keeps its runs: results-dir is where, not what.
+    moved = {**cmd, "results-dir": "/elsewhere/runs", "seed": 3}
+    assert compare.config_mismatch(moved, cmd) == ["seed"]
 
 
 def test_a_hung_run_is_stopped_at_its_timeout(tmp_path: Path) -> None:
