@@ -9,6 +9,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients.cmd_client import TrainFn, metric_record
+from cmd_fl.codec import CodecSpec, decode
+from cmd_fl.coded import codec_from_config, encode_update
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.payload import (
     APF_BASE_VERSION,
@@ -115,7 +117,10 @@ class APFClient:
     training message brings the values it lacks (applied to that model), the extras and, when it
     changed, the mask; the client trains every parameter, resets the frozen entries after every
     optimizer step, and answers with the active values only, the packed extras, num-examples, the
-    mask id and the checksum of the model it received.
+    mask id and the checksum of the model it received. When the message names a codec, a coded
+    message's values arrive as a blob of their change, and the reply sends the blob of
+    ``trained - received`` over the active entries (`cmd_fl.coded.encode_update`, the residual
+    kept in ``context.state``).
 
     Parameters
     ----------
@@ -144,10 +149,13 @@ class APFClient:
         received = APFModel.from_record(
             content.array_records[APF_MODEL], self._extras_bytes, index_sets=True
         )
-        synced = self._sync(received, content.config_records[CONFIG], context)
+        config = content.config_records[CONFIG]
+        codec = codec_from_config(config)
+        synced = self._sync(received, config, context, codec)
         n_weights = self.layout.n_weights
+        active_idx = decode_index_set(synced.mask, n_weights)
         active = np.zeros(n_weights, dtype=bool)
-        active[decode_index_set(synced.mask, n_weights)] = True
+        active[active_idx] = True
         extras = unpack_tensors(received.extras, self._extras_specs)
         self.layout.load_into(self.model, synced.flat, extras)
         checksum = model_checksum(synced.flat, received.extras)
@@ -160,24 +168,39 @@ class APFClient:
         trained = self.model.state_dict()
         values = self.layout.flatten_numpy(trained)[active]
         extras_blob = pack_tensors(self.layout.extra_tensors(trained))
+        if codec is None:
+            model = APFModel(values, extras_blob)
+        else:
+            blob = encode_update(
+                context.state,
+                self.state_key + ".residual",
+                codec,
+                synced.flat[active_idx],
+                values,
+                positions=active_idx,
+            )
+            model = APFModel(np.empty(0, dtype=np.float32), extras_blob, coded=blob)
         self._save(context, synced)  # only once training succeeded
         metrics[APF_MASK_ID] = synced.mask_id
         metrics[MODEL_CHECKSUM] = checksum
-        reply = RecordDict(
-            {
-                APF_MODEL: APFModel(values, extras_blob).to_record(),
-                METRICS: metric_record(metrics),
-            }
-        )
+        reply = RecordDict({APF_MODEL: model.to_record(), METRICS: metric_record(metrics)})
         return Message(reply, reply_to=msg)
 
-    def _sync(self, received: APFModel, config: ConfigRecord, context: Context) -> _Synced:
+    def _sync(
+        self,
+        received: APFModel,
+        config: ConfigRecord,
+        context: Context,
+        codec: CodecSpec | None,
+    ) -> _Synced:
         """The synchronised model and mask after applying a message, or a clear error."""
         base = int(config[APF_BASE_VERSION])  # type: ignore[arg-type]
         version = int(config[APF_MODEL_VERSION])  # type: ignore[arg-type]
         mask_id = int(config[APF_MASK_ID])  # type: ignore[arg-type]
         n_weights = self.layout.n_weights
         held = self._load(context)
+        if received.coded is not None and (codec is None or base < 0):
+            raise ValueError("coded values need a codec and a model version to apply them to")
         if base < 0:  # a full model
             if received.sync is not None:
                 raise ValueError("a full model carries no sync set")
@@ -192,12 +215,17 @@ class APFClient:
             # mask this client holds (before a new mask replaces it).
             which = held.mask if received.sync is None else received.sync
             changed = decode_index_set(which, n_weights)
-            if received.values.size != changed.size:
+            flat = held.flat.copy()
+            if received.coded is not None:
+                assert codec is not None
+                # The server decoded the same blob onto the same values: bitwise its model.
+                flat[changed] += decode(received.coded, codec, changed.size)
+            elif received.values.size != changed.size:
                 raise ValueError(
                     f"message has {received.values.size} values for {changed.size} entries"
                 )
-            flat = held.flat.copy()
-            flat[changed] = received.values
+            else:
+                flat[changed] = received.values
         if received.mask is not None:
             decode_index_set(received.mask, n_weights)  # validate before keeping it
             mask = received.mask.copy()

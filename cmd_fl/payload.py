@@ -51,6 +51,7 @@ _EMBEDDED = "embedded"
 _VALUES = "values"
 _MASK = "mask"
 _SYNC = "sync"
+_CODED = "coded"
 
 
 @dataclass(frozen=True)
@@ -138,20 +139,23 @@ class APFModel:
     sync : ndarray, uint8, or None
         Downlink only: the set of entries in ``values`` (``encode_index_set``), when it is not
         the receiver's known mask (the common case needs no index set).
+    coded : ndarray, uint8, or None
+        With a codec: the `cmd_fl.codec` blob of the values' *change* (uplink: trained minus
+        received; downlink: new minus the receiver's), sent instead of ``values`` (then empty).
     """
 
     values: np.ndarray
     extras: np.ndarray
     mask: np.ndarray | None = None
     sync: np.ndarray | None = None
+    coded: np.ndarray | None = None
 
     def to_record(self) -> ArrayRecord:
         """The model as one ArrayRecord of two to four arrays."""
-        parts: dict[str, np.ndarray] = {
-            _VALUES: np.ascontiguousarray(self.values, dtype=np.float32),
-            _EXTRAS: np.ascontiguousarray(self.extras, dtype=np.uint8),
-        }
-        for key, blob in ((_MASK, self.mask), (_SYNC, self.sync)):
+        parts: dict[str, np.ndarray] = {_EXTRAS: np.ascontiguousarray(self.extras, dtype=np.uint8)}
+        if self.coded is None:
+            parts[_VALUES] = np.ascontiguousarray(self.values, dtype=np.float32)
+        for key, blob in ((_MASK, self.mask), (_SYNC, self.sync), (_CODED, self.coded)):
             if blob is not None:
                 parts[key] = np.ascontiguousarray(blob, dtype=np.uint8)
         return to_array_record(parts)
@@ -174,7 +178,8 @@ class APFModel:
             Bytes of the packed extras.
         n_values : int or None
             Exact number of values expected; None leaves the length to the caller (a client
-            knows it only once the index sets are decoded).
+            knows it only once the index sets are decoded). A coded record's length is checked
+            when its blob is decoded.
         index_sets : bool
             Whether ``mask`` and ``sync`` may be present (downlink). Default False (uplink).
 
@@ -184,20 +189,27 @@ class APFModel:
             If anything differs from what the receiver expects.
         """
         expected: dict[str, tuple[np.dtype | type, int | None]] = {
-            _VALUES: (np.dtype(np.float32), n_values),
-            _EXTRAS: (np.dtype(np.uint8), extras_bytes),
+            _EXTRAS: (np.dtype(np.uint8), extras_bytes)
         }
+        if _CODED in record:  # a coded record carries no float values
+            expected[_CODED] = (np.dtype(np.uint8), None)
+        else:
+            expected[_VALUES] = (np.dtype(np.float32), n_values)
         if index_sets:
             for key in (_MASK, _SYNC):
                 if key in record:
                     expected[key] = (np.dtype(np.uint8), None)
         parts = from_array_record(record, expected)
-        optional = {key: parts[key].reshape(-1) if key in parts else None for key in (_MASK, _SYNC)}
+        optional = {
+            key: parts[key].reshape(-1) if key in parts else None for key in (_MASK, _SYNC, _CODED)
+        }
+        values = parts.get(_VALUES, np.empty(0, dtype=np.float32))
         return cls(
-            parts[_VALUES].reshape(-1),
+            values.reshape(-1),
             parts[_EXTRAS].reshape(-1),
             mask=optional[_MASK],
             sync=optional[_SYNC],
+            coded=optional[_CODED],
         )
 
 

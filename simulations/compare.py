@@ -94,6 +94,16 @@ METHODS: dict[str, Method] = {
     "fedavg-fp16": Method("FedAvg + fp16", {"strategy": "fedavg", "codec": "fp16"}),
     "fedavg-int8": Method("FedAvg + int8", {"strategy": "fedavg", "codec": "int8"}),
     "fedavg-topk": Method("FedAvg + top-10 %", {"strategy": "fedavg", "codec": "topk"}),
+    "apf-int8": Method(
+        "APF + int8",
+        {
+            "strategy": "apf",
+            "apf-alpha": 0.99,
+            "apf-threshold": 0.05,
+            "apf-random-freeze": False,
+            "codec": "int8",
+        },
+    ),
     "cmd-int8": Method("CMD + int8", {"strategy": "cmd", "codec": "int8"}),
     "cmd-topk": Method("CMD + top-10 %", {"strategy": "cmd", "codec": "topk"}),
     # The compact state (cmd-coefficients = grid: one-byte a, float16 b), for clients that
@@ -491,9 +501,7 @@ def config_mismatch(requested: dict[str, Any], recorded: dict[str, Any]) -> list
     return sorted(
         key
         for key, value in requested.items()
-        if recorded.get(key) != value
-        and not key.startswith(ignored)
-        and key not in LOCATION_KEYS
+        if recorded.get(key) != value and not key.startswith(ignored) and key not in LOCATION_KEYS
     )
 
 

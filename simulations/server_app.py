@@ -57,10 +57,9 @@ def make_strategy(
         "fraction_evaluate": settings.fraction_evaluate,
         "min_valid_replies": settings.min_valid_replies,
         "max_num_examples": settings.max_num_examples or None,
+        "codec": settings.codec_spec(),
+        "code_downlink": settings.codec_downlink,
     }
-    if settings.strategy != "apf":  # refused for APF by RunSettings
-        common["codec"] = settings.codec_spec()
-        common["code_downlink"] = settings.codec_downlink
     if settings.strategy == "fedavg":
         return MeteredFedAvg(layout, ledger, **common)
     if settings.strategy == "apf":

@@ -107,10 +107,6 @@ class RunSettings:
                 self.cmd_coefficients in ("auto", *COEFFICIENT_PRECISIONS),
                 f"cmd-coefficients must be 'auto' or one of {COEFFICIENT_PRECISIONS}",
             ),
-            (
-                self.codec == "none" or self.strategy != "apf",
-                "codec is not supported with strategy 'apf' yet (fedavg and cmd take any codec)",
-            ),
             (self.codec_block_size >= 0, "codec-block-size must be >= 0"),
             (0.0 < self.codec_topk_fraction <= 1.0, "codec-topk-fraction must be in (0, 1]"),
             (

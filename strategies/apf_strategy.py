@@ -14,6 +14,14 @@ active each round, and every client of a round works with that one mask. What tr
 
 The server averages the active entries (frozen ones stay as they are), then updates the APF
 statistics of the active parameters with d = value before - value after.
+
+With a codec (`cmd_fl.codec`) the uplink sends the blob of ``trained - received`` over the active
+entries, with error feedback on the client. With a coded downlink too, the server keeps a
+*public model* beside its full-precision global one: what every node holds, bitwise. After each
+round it moves the public model's updated entries towards the global model through one coded
+blob, which a node that holds the previous version applies to its copy; the global model keeps
+what the codec left out (its lag), and the next update of those entries carries it (error
+feedback). A node further behind gets the public model's changed values as they are.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from flwr.app import (
 
 from cmd_fl.apf import DEFAULT_ALPHA, DEFAULT_THRESHOLD, AdaptiveFreezing
 from cmd_fl.checkpoint import prefixed, unprefixed
+from cmd_fl.codec import decode, encode, encoded_nbytes
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger
 from cmd_fl.payload import (
@@ -81,7 +90,8 @@ class APFStrategy(FlatModelStrategy):
     seed : int
         Seed of the random freezing. Default 0.
     **kwargs
-        Passed to :class:`MeteredFedAvg` (sampling, validation bounds).
+        Passed to :class:`MeteredFedAvg` (sampling, validation bounds, ``codec`` and
+        ``code_downlink``: see the module's docstring).
     """
 
     def __init__(
@@ -94,7 +104,14 @@ class APFStrategy(FlatModelStrategy):
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(layout, ledger, **kwargs)
+        code_downlink = bool(kwargs.pop("code_downlink", True))
+        # APF codes its own downlink (below), not through MeteredFedAvg's dense public model.
+        super().__init__(layout, ledger, code_downlink=False, **kwargs)
+        self.code_downlink = self.codec is not None and code_downlink
+        # What nodes hold: the global model itself, or its coded copy under a coded downlink.
+        self.public_flat: np.ndarray | None = None
+        self._public_blob: np.ndarray | None = None  # moves version _blob_base to model_version
+        self._blob_base = FULL_MODEL
         self.freezing = AdaptiveFreezing(
             layout.n_weights, alpha, threshold, random_freeze=random_freeze, seed=seed
         )
@@ -116,7 +133,9 @@ class APFStrategy(FlatModelStrategy):
         """One message per node: the values it lacks, the extras, the mask if its own is stale."""
         if self.global_flat is None:  # the first round: the initial model
             self.set_global(arrays)
-        assert self.global_flat is not None
+            assert self.global_flat is not None
+            self.public_flat = self.global_flat.copy() if self.code_downlink else self.global_flat
+        assert self.global_flat is not None and self.public_flat is not None
         n_weights = self.layout.n_weights
         self.active = self.freezing.active_indices(server_round)
         mask = encode_index_set(self.active, n_weights)
@@ -124,7 +143,7 @@ class APFStrategy(FlatModelStrategy):
             self.mask_id += 1
             self.masks[self.mask_id] = mask
         extras = pack_tensors(self.global_extras)
-        self.sent_checksums[server_round] = model_checksum(self.global_flat, extras)
+        self.sent_checksums[server_round] = model_checksum(self.public_flat, extras)
         config[APF_MASK_ID] = self.mask_id
         config[APF_MODEL_VERSION] = self.model_version
 
@@ -150,22 +169,33 @@ class APFStrategy(FlatModelStrategy):
     def extra_reply_bytes(self, server_round: int) -> int:
         """A reply carries the round's active values, which can outnumber the values a node was
         sent (say, when many parameters thaw at once): its whole size is allowed."""
-        return 4 * int(self.active.size) + self._extras_bytes
+        n_active = int(self.active.size)
+        coded = 0 if self.codec is None else encoded_nbytes(self.codec, n_active)
+        return max(4 * n_active, coded) + self._extras_bytes
+
+    def coded_reply_bytes(self, server_round: int) -> int:
+        """Covered by :meth:`extra_reply_bytes` (a reply codes the active entries only)."""
+        return 0
 
     def _model_record(self, known: tuple[int, int], extras: np.ndarray) -> ArrayRecord:
         """The record for a node holding model version ``known[0]`` and mask id ``known[1]``."""
-        assert self.global_flat is not None
+        assert self.public_flat is not None
         base, known_mask = known
         mask = None if known_mask == self.mask_id else self.masks[self.mask_id]
         if base == FULL_MODEL:
-            return APFModel(self.global_flat, extras, mask=mask).to_record()
+            return APFModel(self.public_flat, extras, mask=mask).to_record()
         changed = np.flatnonzero(self.last_changed > base)
         sync = encode_index_set(changed, self.layout.n_weights)
         # The node's own mask says which values these are when it is the same set.
         implied = np.array_equal(sync, self.masks[known_mask])
-        return APFModel(
-            self.global_flat[changed], extras, mask=mask, sync=None if implied else sync
-        ).to_record()
+        sync_set = None if implied else sync
+        if self._public_blob is not None and base == self._blob_base:
+            # The blob of the last update is over exactly the entries changed since base.
+            empty = np.empty(0, dtype=np.float32)
+            return APFModel(
+                empty, extras, mask=mask, sync=sync_set, coded=self._public_blob
+            ).to_record()
+        return APFModel(self.public_flat[changed], extras, mask=mask, sync=sync_set).to_record()
 
     # --- receiving ----------------------------------------------------------------------------
     def aggregate_train(
@@ -207,25 +237,42 @@ class APFStrategy(FlatModelStrategy):
         model = APFModel.from_record(
             content.array_records[APF_MODEL], self._extras_bytes, n_values=self.active.size
         )
+        if self.codec is not None and model.coded is None:
+            raise RejectedReply(f"reply is uncoded, the run's codec is {self.codec.name}")
+        if self.codec is None and model.coded is not None:
+            raise RejectedReply("reply is coded, the run has no codec")
+        values = model.values
+        if model.coded is not None:
+            assert self.codec is not None and self.public_flat is not None
+            sent = self.public_flat[self.active]
+            values = sent + decode(model.coded, self.codec, self.active.size)
         extras = unpack_tensors(model.extras, self._extras_specs)
         for value in extras:
             if value.dtype.kind in "fc" and not np.isfinite(value).all():
                 raise RejectedReply("extras hold NaN or Inf")
         self._valid_nodes.add(node)
-        return ParsedReply(node, metrics.pop(NUM_EXAMPLES), [model.values, *extras], metrics)
+        return ParsedReply(node, metrics.pop(NUM_EXAMPLES), [values, *extras], metrics)
 
     def apply_average(self, server_round: int, averaged: list[np.ndarray]) -> ArrayRecord:
         """Take the averaged active entries and extras; update the APF statistics of the active
         ones."""
-        assert self.global_flat is not None
+        assert self.global_flat is not None and self.public_flat is not None
         values, *extras = averaged
         before = self.global_flat
         after = before.copy()
         after[self.active] = values
+        if self.code_downlink:
+            assert self.codec is not None
+            if self.codec.error_feedback:
+                # Clients trained from the public model: what it lacked joins the update.
+                after[self.active] += before[self.active] - self.public_flat[self.active]
+            self._advance_public(after)
         self.freezing.update(server_round, before, after)
         self.last_changed[self.active] = server_round
-        self.model_version = server_round
+        self._blob_base, self.model_version = self.model_version, server_round
         self.global_flat = after
+        if not self.code_downlink:
+            self.public_flat = after
         self.global_extras = extras
         logger.info(
             "round %d: %d of %d parameters active, %.1f %% frozen next round (T = %.3g)",
@@ -236,6 +283,17 @@ class APFStrategy(FlatModelStrategy):
             self.freezing.threshold,
         )
         return self.global_arrays()
+
+    def _advance_public(self, target: np.ndarray) -> None:
+        """Move the public model's active entries towards ``target`` through one coded blob,
+        decoded here exactly as a node decodes it."""
+        assert self.codec is not None and self.public_flat is not None
+        base = self.public_flat[self.active]
+        blob = encode(np.subtract(target[self.active], base, dtype=np.float32), self.codec)
+        public = self.public_flat.copy()
+        public[self.active] = base + decode(blob, self.codec, self.active.size)
+        self.public_flat = public
+        self._public_blob = blob
 
     # --- checkpoints --------------------------------------------------------------------------
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -248,6 +306,8 @@ class APFStrategy(FlatModelStrategy):
         freezing_arrays, freezing_meta = self.freezing.checkpoint()
         arrays.update(prefixed("apf", freezing_arrays))
         arrays["last_changed"] = self.last_changed
+        if self.code_downlink and self.public_flat is not None:
+            arrays["public_flat"] = self.public_flat
         if self.mask_id:
             arrays["mask"] = self.masks[self.mask_id]
         meta.update(
@@ -264,5 +324,10 @@ class APFStrategy(FlatModelStrategy):
         self.mask_id = int(meta["mask_id"])
         self.masks = {self.mask_id: arrays["mask"]} if self.mask_id else {}
         self.node_state = {}
+        if "public_flat" in arrays:
+            self.public_flat = arrays["public_flat"].astype(np.float32)
+        else:
+            self.public_flat = self.global_flat
+        self._public_blob = None  # no node holds a version after a resume
 
     # --- the global model ---------------------------------------------------------------------

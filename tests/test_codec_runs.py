@@ -242,7 +242,5 @@ def test_probe_rounds_and_uncoded_runs_send_the_model_as_it_is(tmp_path: Path) -
 def test_codec_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="codec must be one of"):
         RunSettings(codec="int4")
-    with pytest.raises(ValueError, match="not supported with strategy 'apf'"):
-        RunSettings(strategy="apf", codec="int8")
     with pytest.raises(ValueError, match="codec-topk-fraction"):
         RunSettings(codec="topk", codec_topk_fraction=0.0)
