@@ -11,7 +11,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from cmd_fl.coded import CODED_UPDATE, CodedUpdate, codec_from_config, encode_update
-from cmd_fl.downlink import CODED_CMD, CODED_DENSE, held_public, store_public
+from cmd_fl.downlink import (
+    CODED_CMD,
+    CODED_DENSE,
+    KEYFRAME_CMD,
+    KEYFRAME_DENSE,
+    decode_keyframe,
+    held_public,
+    store_public,
+)
 from cmd_fl.embedding import EmbeddingState
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.payload import (
@@ -114,22 +122,24 @@ class CMDClient:
         """Answer one training message (dense or CMD)."""
         content = msg.content
         records = content.array_records
-        if CMD_MODEL in records or CODED_CMD in records:
+        if CMD_MODEL in records or CODED_CMD in records or KEYFRAME_CMD in records:
             reply = self._train_cmd(content, context)
-        elif DENSE_MODEL in records or CODED_DENSE in records:
+        elif DENSE_MODEL in records or CODED_DENSE in records or KEYFRAME_DENSE in records:
             reply = self._train_dense(content, context)
         else:
             raise ValueError(
                 f"training message carries none of {DENSE_MODEL!r}, {CMD_MODEL!r}, "
-                f"{CODED_DENSE!r}, {CODED_CMD!r} arrays"
+                f"{CODED_DENSE!r}, {CODED_CMD!r}, {KEYFRAME_DENSE!r}, {KEYFRAME_CMD!r} arrays"
             )
         return Message(reply, reply_to=msg)
 
     def _train_dense(self, content: RecordDict, context: Context) -> RecordDict:
         config = content.config_records[CONFIG]
         codec = codec_from_config(config)
-        if CODED_DENSE in content.array_records:
-            values, extras_blob = self._decoded(content, CODED_DENSE, context, lambda held: held)
+        keyframe = KEYFRAME_DENSE in content.array_records
+        if keyframe or CODED_DENSE in content.array_records:
+            name = KEYFRAME_DENSE if keyframe else CODED_DENSE
+            values, extras_blob = self._decoded(content, name, context, lambda held: held)
             self.layout.load_into(
                 self.model, values, unpack_tensors(extras_blob, self._extras_specs)
             )
@@ -139,7 +149,7 @@ class CMDClient:
         loaded = self.model.state_dict()
         received = self.layout.flatten_numpy(loaded)
         checksum = model_checksum(received, pack_tensors(self.layout.extra_tensors(loaded)))
-        store_public(context.state, self._public_key, config, received)
+        store_public(context.state, self._public_key, config, received, keyframe)
         metrics = dict(self.train_fn(self.model, None))
         metrics[MODEL_CHECKSUM] = checksum
         trained = self.model.state_dict()
@@ -163,7 +173,8 @@ class CMDClient:
         received = self._cmd_model(content, state, context)
         flat = self._load_cmd_model(received, state)
         checksum = model_checksum(flat, received.extras)
-        store_public(context.state, self._public_key, config, flat)
+        keyframe = KEYFRAME_CMD in content.array_records
+        store_public(context.state, self._public_key, config, flat, keyframe)
 
         probe = bool(config.get(PROBE, 0))
         projector = None
@@ -219,12 +230,16 @@ class CMDClient:
         base_of: Callable[[np.ndarray], np.ndarray],
     ) -> tuple[np.ndarray, np.ndarray]:
         """The values of the coded model record ``name``: ``base + decode(blob)``, the base
-        taken by ``base_of`` from the public model this client holds; and the packed extras."""
+        taken by ``base_of`` from the public model this client holds (a keyframe needs none);
+        and the packed extras."""
         config = content.config_records[CONFIG]
         codec = codec_from_config(config)
         if codec is None:
             raise ValueError(f"the message carries {name!r} but names no codec")
         coded = CodedUpdate.from_record(content.array_records[name], self._extras_bytes)
+        if name in (KEYFRAME_DENSE, KEYFRAME_CMD):
+            length = base_of(np.zeros(self.layout.n_weights, dtype=np.float32)).size
+            return decode_keyframe(coded.update, codec, length), coded.extras
         held = held_public(context.state, self._public_key, config, self.layout.n_weights)
         return coded.values(codec, base_of(held)), coded.extras
 
@@ -233,9 +248,11 @@ class CMDClient:
     ) -> CMDModel:
         """The CMD message's model: as it is, or decoded against the public model this client
         holds (split with the state after the message's delta, as the server split it)."""
-        if CODED_CMD not in content.array_records:
+        records = content.array_records
+        name = KEYFRAME_CMD if KEYFRAME_CMD in records else CODED_CMD
+        if name not in records:
             return CMDModel.from_record(
-                content.array_records[CMD_MODEL],
+                records[CMD_MODEL],
                 state.free_indices.size,
                 state.n_modes,
                 self._extras_bytes,
@@ -243,7 +260,7 @@ class CMDClient:
         if context is None:
             raise ValueError("a coded CMD message needs the node's context")
         values, extras_blob = self._decoded(
-            content, CODED_CMD, context, lambda held: np.concatenate(state.split(held))
+            content, name, context, lambda held: np.concatenate(state.split(held))
         )
         n_free = state.free_indices.size
         return CMDModel(values[:n_free], values[n_free:], extras_blob)

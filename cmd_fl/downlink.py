@@ -14,9 +14,17 @@ at full precision and adds the round's averaged update to it (not to the public 
 clients trained from; see `MeteredFedAvg.apply_average`), so whatever the codec left out
 of ``target - base`` is still in the next round's gap, and is sent then.
 
-A node that does not hold the base version (new, missed a round, its reply was lost) is sent
-the new public model as it is (float32), and stores it. A client asked to apply a delta to a
-version it does not hold fails with a clear error; the server then sends it the model as it is.
+A node that does not hold the base version (new, missed a round, its reply was lost) is sent a
+*keyframe*: the public model coded on its own (a delta against zeros) with `keyframe_spec`
+(int8 for ``topk``, whose sparse blob cannot carry a whole model; the run's codec otherwise). It
+trains on what it decodes, which the server computes too (its checksum is checked), and the
+server adds the node's update to the public model like any other: the keyframe's rounding moves
+the point the node's gradient is taken at, never the global model. Such a node holds no public
+version, so it gets a keyframe again until it is sent the public model as it is. Without
+keyframes (``keyframes=False``), in round 1, in CMD's probe rounds and in the first round after
+a resume, it gets the public model as it is (float32) and stores it. A client asked to apply
+a delta to a version it does not hold fails with a clear error; the server then sends it a
+keyframe or the whole model.
 """
 
 from __future__ import annotations
@@ -26,11 +34,13 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from cmd_fl.codec import CodecSpec, encode
+from cmd_fl.codec import CodecSpec, decode, encode
 from cmd_fl.coded import CodedUpdate
 
 CODED_DENSE = "coded-dense-model"  # record name: FedAvg's coded model (the whole flat model)
 CODED_CMD = "coded-cmd-model"  # record name: CMD's coded model (free weights and references)
+KEYFRAME_DENSE = "keyframe-dense-model"  # record name: FedAvg's model coded on its own
+KEYFRAME_CMD = "keyframe-cmd-model"  # record name: CMD's free weights and references, coded
 
 # Train-config keys (present when the downlink is coded).
 PUBLIC_VERSION = "public-version"  # version of the public model the message makes
@@ -40,6 +50,19 @@ _FLAT = "flat"
 _VERSION = "version"
 
 Assemble = Callable[[np.ndarray], np.ndarray]  # travelling values -> full flat model
+
+
+def keyframe_spec(spec: CodecSpec) -> CodecSpec:
+    """The codec of a keyframe (a whole model coded on its own) under the run's codec ``spec``:
+    ``spec`` itself, except int8 (same block size) for ``topk``."""
+    if spec.name != "topk":
+        return spec
+    return CodecSpec(name="int8", block_size=spec.block_size, error_feedback=False)
+
+
+def decode_keyframe(blob: np.ndarray, spec: CodecSpec, length: int) -> np.ndarray:
+    """The values a keyframe blob carries (``0 + decode``, as `PublicModel.keyframe` computes)."""
+    return decode(blob, keyframe_spec(spec), length)
 
 
 class PublicModel:
@@ -103,6 +126,17 @@ class PublicModel:
             self.flat = assemble(CodedUpdate(blob, np.empty(0, np.uint8)).values(self.spec, base))
         self.base_version, self.version = self.version, version
         return blob
+
+    def keyframe(
+        self, assemble: Assemble, indices: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The public model's travelling values coded on their own, and the full flat model a
+        node decodes from them (``assemble`` and ``indices`` as for :meth:`advance`)."""
+        if self.flat is None:
+            raise ValueError("no public model yet: the first round sends the model as it is")
+        travel = _select(self.flat, indices)
+        blob = encode(travel, keyframe_spec(self.spec))
+        return blob, assemble(decode_keyframe(blob, self.spec, travel.size))
 
     def holds_base(self, node_id: int) -> bool:
         """Whether ``node_id`` can decode this round's blob (it holds the base version)."""
@@ -175,8 +209,15 @@ def held_public(store: RecordDict, key: str, config: ConfigRecord, n_weights: in
     return flat
 
 
-def store_public(store: RecordDict, key: str, config: ConfigRecord, flat: np.ndarray) -> None:
-    """Keep the model just received as the public model, when the downlink is coded."""
+def store_public(
+    store: RecordDict, key: str, config: ConfigRecord, flat: np.ndarray, keyframe: bool = False
+) -> None:
+    """Keep the model just received as the public model, when the downlink is coded; a
+    keyframe is not the public model, so none is held after one."""
+    if keyframe:
+        if key in store.array_records:
+            del store[key]
+        return
     if PUBLIC_VERSION not in config:
         return
     version = np.asarray([int(config[PUBLIC_VERSION])], dtype=np.int64)  # type: ignore[arg-type]
@@ -191,9 +232,13 @@ def store_public(store: RecordDict, key: str, config: ConfigRecord, flat: np.nda
 __all__ = [
     "CODED_CMD",
     "CODED_DENSE",
+    "KEYFRAME_CMD",
+    "KEYFRAME_DENSE",
     "PUBLIC_BASE",
     "PUBLIC_VERSION",
     "PublicModel",
+    "decode_keyframe",
     "held_public",
+    "keyframe_spec",
     "store_public",
 ]

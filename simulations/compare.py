@@ -490,14 +490,17 @@ def config_mismatch(requested: dict[str, Any], recorded: dict[str, Any]) -> list
     """Keys whose value in a run's ``summary.json`` differs from the requested config.
 
     Keys that only another strategy reads (``cmd-*`` for a FedAvg or APF run, ``apf-*`` for
-    the others) are ignored, so a new CMD option does not make finished baselines rerun; so is
-    ``results-dir`` (the summary was found where the plan looks, wherever the run wrote it).
+    the others) are ignored, so a new CMD option does not make finished baselines rerun; so
+    are the ``codec-*`` options of a run without a codec, and ``results-dir`` (the summary was
+    found where the plan looks, wherever the run wrote it).
     """
     ignored = tuple(
         prefix
         for strategy, prefix in STRATEGY_KEY_PREFIXES.items()
         if strategy != requested.get("strategy")
     )
+    if requested.get("codec", "none") == "none":
+        ignored += ("codec-",)
     return sorted(
         key
         for key, value in requested.items()

@@ -59,6 +59,7 @@ def make_strategy(
         "max_num_examples": settings.max_num_examples or None,
         "codec": settings.codec_spec(),
         "code_downlink": settings.codec_downlink,
+        "keyframes": settings.codec_keyframes,
     }
     if settings.strategy == "fedavg":
         return MeteredFedAvg(layout, ledger, **common)

@@ -68,6 +68,7 @@ class RunSettings:
     cmd_coefficients: str = "auto"  # a, b precision: auto | float32 | float16 | grid
     codec: str = "none"  # update codec: "none" | "fp16" | "int8" | "topk"
     codec_downlink: bool = True  # the codec also codes training messages (deltas vs clients' model)
+    codec_keyframes: bool = True  # a node without the base gets the model coded, not float32
     codec_block_size: int = 256  # int8: values per scale; 0 = one scale per vector
     codec_topk_fraction: float = 0.1  # topk: share of the update's entries sent
     codec_error_feedback: bool = True  # what a lossy codec did not send joins the next update

@@ -225,7 +225,7 @@ class APFStrategy(FlatModelStrategy):
     def parse_train_reply(self, server_round: int, reply: Message) -> ParsedReply:
         """A reply must hold exactly the round's active values, trained with its mask."""
         content = self.reply_content(reply)
-        metrics = self.reply_metrics(server_round, content)
+        metrics = self.reply_metrics(server_round, content, reply.metadata.src_node_id)
         node = reply.metadata.src_node_id
         mask_id = metrics.pop(APF_MASK_ID, None)
         if mask_id != self.mask_id:

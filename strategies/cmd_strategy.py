@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from cmd_fl.checkpoint import prefixed, unprefixed
 from cmd_fl.codec import encoded_nbytes
 from cmd_fl.coded import CODED_UPDATE, CodedUpdate
-from cmd_fl.downlink import CODED_CMD
+from cmd_fl.downlink import CODED_CMD, KEYFRAME_CMD
 from cmd_fl.embedding import (
     EmbeddingSchedule,
     EmbeddingSelector,
@@ -235,21 +235,27 @@ class CMDStrategy(FlatModelStrategy):
         message_type: str,
         flat: np.ndarray,
         coded: np.ndarray | None = None,
+        keyframe: tuple[int, np.ndarray] | None = None,
     ) -> list[Message]:
         """One CMD message per node: the free vector and references of ``flat`` with the extras
-        (or the ``coded`` blob of them, to nodes that hold the downlink's base), and the state
-        delta if the node is behind."""
+        (or the ``coded`` blob of them, to nodes that hold the downlink's base; the ``keyframe``
+        blob of round ``keyframe[0]``, if any, to the others), and the state delta if the node
+        is behind."""
         assert self.state is not None and self.history is not None
         free, refs = self.state.split(flat)
         extras = pack_tensors(self.global_extras)
         model_record = CMDModel(free, refs, extras).to_record()
         coded_record = None if coded is None else CodedUpdate(coded, extras).to_record()
+        keyframe_record = None if keyframe is None else CodedUpdate(keyframe[1], extras).to_record()
         config[STATE_VERSION] = self.state.version
         config[N_MODES] = self.state.n_modes
         messages = []
         for node in node_ids:
             if coded_record is not None and self.downlink and self.downlink.holds_base(node):
                 content = RecordDict({CODED_CMD: coded_record, CONFIG: config})
+            elif keyframe is not None and keyframe_record is not None:
+                content = RecordDict({KEYFRAME_CMD: keyframe_record, CONFIG: config})
+                self.note_keyframe(keyframe[0], node)
             else:
                 content = RecordDict({CMD_MODEL: model_record, CONFIG: config})
             known = self.node_versions.get(node, 0)
@@ -278,7 +284,20 @@ class CMDStrategy(FlatModelStrategy):
         self._sent_flat = self.downlink.flat
         self.note_downlink_lag(self.global_flat)
         config.update(self.downlink.config())
-        return self._cmd_messages(config, node_ids, MessageType.TRAIN, self._sent_flat, blob)
+        keyframe = None
+        # Probe replies send trained values as they are: they must start from the public model.
+        if blob is not None and not config.get(PROBE, 0):
+            keyframe_blob = self.keyframe(
+                server_round,
+                lambda values: state.assemble(values[:n_free], values[n_free:]),
+                pack_tensors(self.global_extras),
+                np.concatenate([state.free_indices, state.references]),
+            )
+            if keyframe_blob is not None:
+                keyframe = (server_round, keyframe_blob)
+        return self._cmd_messages(
+            config, node_ids, MessageType.TRAIN, self._sent_flat, blob, keyframe
+        )
 
     # --- receiving ----------------------------------------------------------------------------
     def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
@@ -307,7 +326,7 @@ class CMDStrategy(FlatModelStrategy):
             return super().parse_train_reply(server_round, reply)
         self._note_node_state(server_round, reply)
         content = self.reply_content(reply)
-        metrics = self.reply_metrics(server_round, content)
+        metrics = self.reply_metrics(server_round, content, reply.metadata.src_node_id)
         version = metrics.pop(STATE_VERSION, None)
         if version != self.state.version:
             raise RejectedReply(

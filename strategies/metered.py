@@ -29,7 +29,7 @@ from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, samp
 from cmd_fl.checkpoint import prefixed, unprefixed
 from cmd_fl.codec import CodecSpec, encoded_nbytes
 from cmd_fl.coded import CODED_UPDATE, CodedUpdate, codec_config
-from cmd_fl.downlink import CODED_DENSE, PublicModel
+from cmd_fl.downlink import CODED_DENSE, KEYFRAME_DENSE, PublicModel
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger, LedgerRow
 from cmd_fl.payload import (
@@ -125,8 +125,12 @@ class MeteredFedAvg(FedAvg):
         carry the model as it is.
     code_downlink : bool
         With a codec, also code the training messages: a delta against the public model the
-        nodes hold (`cmd_fl.downlink`), the model as it is to a node that does not hold it.
-        Default True. Evaluation messages always carry the global model as it is.
+        nodes hold (`cmd_fl.downlink`), a keyframe (or the model as it is) to a node that does
+        not hold it. Default True. Evaluation messages always carry the global model as it is.
+    keyframes : bool
+        With a coded downlink, a node that does not hold the public model's base gets the model
+        coded on its own (`cmd_fl.downlink.keyframe_spec`) from round 2 on, instead of float32.
+        Default True.
     max_abs_value : float
         Replies holding a float of larger magnitude are rejected (finite but absurd values
         would wreck the average). Default 1e6.
@@ -152,6 +156,7 @@ class MeteredFedAvg(FedAvg):
         max_abs_value: float = 1e6,
         codec: CodecSpec | None = None,
         code_downlink: bool = True,
+        keyframes: bool = True,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -181,6 +186,10 @@ class MeteredFedAvg(FedAvg):
         )
         # Global minus public model of the round (downlink error feedback), or None.
         self._downlink_lag: np.ndarray | None = None
+        self.keyframes = keyframes and self.downlink is not None
+        # This round's keyframe: its model's checksum and the nodes it went to.
+        self._keyframe_sent: tuple[int, int, set[int]] | None = None  # (round, checksum, nodes)
+        self._keyframes_paused = False  # for the first round after a resume
 
     # --- sampling and sending -----------------------------------------------------------------
     def sample_train_nodes(self, grid: Grid) -> list[int]:
@@ -207,6 +216,7 @@ class MeteredFedAvg(FedAvg):
         if self.codec is not None:
             for key, value in codec_config(self.codec).items():
                 config[key] = value
+        self._keyframe_sent = None  # until train_messages makes this round's
         messages = self.train_messages(server_round, arrays, config, node_ids)
         largest = 0
         for message in messages:
@@ -251,10 +261,44 @@ class MeteredFedAvg(FedAvg):
                 CONFIG: config,
             }
         )
-        coded = None
+        coded = keyframe = None
         if blob is not None:
             coded = RecordDict({CODED_DENSE: CodedUpdate(blob, extras).to_record(), CONFIG: config})
-        return self._downlink_messages(node_ids, dense, coded)
+            keyframe_blob = self.keyframe(server_round, self._as_loaded, extras)
+            if keyframe_blob is not None:
+                record = CodedUpdate(keyframe_blob, extras).to_record()
+                keyframe = RecordDict({KEYFRAME_DENSE: record, CONFIG: config})
+        return self._downlink_messages(server_round, node_ids, dense, coded, keyframe)
+
+    def keyframe(
+        self,
+        server_round: int,
+        assemble: Callable[[np.ndarray], np.ndarray],
+        extras: np.ndarray,
+        indices: np.ndarray | None = None,
+    ) -> np.ndarray | None:
+        """This round's keyframe blob (None without keyframes); the checksum of the model a
+        node decodes from it, which that node's reply must carry, is kept for the round."""
+        if not self.keyframes or self.downlink is None or self.downlink.flat is None:
+            return None
+        if self._keyframes_paused:
+            self._keyframes_paused = False
+            return None
+        blob, flat = self.downlink.keyframe(assemble, indices)
+        self._keyframe_sent = (server_round, model_checksum(flat, extras), set())
+        return blob
+
+    def sent_keyframe(self, server_round: int, node_id: int | None) -> bool:
+        """Whether ``node_id`` was sent ``server_round``'s keyframe."""
+        sent = self._keyframe_sent
+        return sent is not None and sent[0] == server_round and node_id in sent[2]
+
+    def expected_checksum(self, server_round: int, node_id: int | None) -> int | None:
+        """The checksum of the model ``node_id`` was sent in ``server_round`` (its keyframe's,
+        or the round's model), None if no model was sent."""
+        if self._keyframe_sent is not None and self.sent_keyframe(server_round, node_id):
+            return self._keyframe_sent[1]
+        return self.sent_checksums.get(server_round)
 
     def note_downlink_lag(self, target: np.ndarray) -> None:
         """Keep ``target - public`` of the round, added to its aggregate (error feedback)."""
@@ -267,17 +311,34 @@ class MeteredFedAvg(FedAvg):
         return self.layout.flatten_numpy(self.layout.unflatten(flat))
 
     def _downlink_messages(
-        self, node_ids: list[int], whole: RecordDict, coded: RecordDict | None
+        self,
+        server_round: int,
+        node_ids: list[int],
+        whole: RecordDict,
+        coded: RecordDict | None,
+        keyframe: RecordDict | None = None,
     ) -> list[Message]:
-        """The coded content to nodes that hold the base version, the whole model to others."""
+        """The coded content to nodes that hold the base version; the keyframe, if any, or the
+        whole model to the others."""
         assert self.downlink is not None
         messages = []
         for node in node_ids:
-            content = coded if coded is not None and self.downlink.holds_base(node) else whole
+            if coded is not None and self.downlink.holds_base(node):
+                content = coded
+            elif keyframe is not None:
+                content = keyframe
+                self.note_keyframe(server_round, node)
+            else:
+                content = whole
             messages.append(
                 Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
             )
         return messages
+
+    def note_keyframe(self, server_round: int, node_id: int) -> None:
+        """``node_id`` is sent this round's keyframe."""
+        assert self._keyframe_sent is not None and self._keyframe_sent[0] == server_round
+        self._keyframe_sent[2].add(node_id)
 
     def coded_reply_bytes(self, server_round: int) -> int:
         """Payload bytes a coded reply may take (the bound must admit it when the downlink is
@@ -316,7 +377,11 @@ class MeteredFedAvg(FedAvg):
             node_id, problem = self._reply_node(reply, instructions)
             row = self.ledger.record_message(server_round, "train", "up", node_id, reply)
             if self.downlink is not None and not problem:
-                self.downlink.note_reply(node_id, self._proves_model(server_round, reply))
+                # A keyframe's model is not the public one: its node holds no public version.
+                holds = self._proves_model(server_round, reply)
+                self.downlink.note_reply(
+                    node_id, holds and not self.sent_keyframe(server_round, node_id)
+                )
             digest = reply.content.object_id if reply.has_content() else ""
             envelopes.append(_Envelope(index, node_id, problem, row.payload_bytes, digest))
         counts = Counter(envelope.node_id for envelope in envelopes)
@@ -367,10 +432,11 @@ class MeteredFedAvg(FedAvg):
         return arrays, metrics
 
     def _proves_model(self, server_round: int, reply: Message) -> bool:
-        """Whether the reply's checksum shows its node trained on the model sent this round."""
+        """Whether the reply's checksum shows its node trained on the model sent to it this
+        round (the round's model, or its keyframe)."""
         if reply.has_error() or METRICS not in reply.content.metric_records:
             return False
-        sent = self.sent_checksums.get(server_round)
+        sent = self.expected_checksum(server_round, reply.metadata.src_node_id)
         checksum = reply.content.metric_records[METRICS].get(MODEL_CHECKSUM)
         return sent is not None and checksum == sent
 
@@ -428,7 +494,7 @@ class MeteredFedAvg(FedAvg):
     def parse_train_reply(self, server_round: int, reply: Message) -> ParsedReply:
         """Validate a dense reply against the global model sent this round."""
         content = self.reply_content(reply)
-        metrics = self.reply_metrics(server_round, content)
+        metrics = self.reply_metrics(server_round, content, reply.metadata.src_node_id)
         if self._global is None:
             raise RejectedReply("no model was sent this round")
         if self.codec is not None:
@@ -463,8 +529,11 @@ class MeteredFedAvg(FedAvg):
             raise RejectedReply(f"client error: {reply.error.reason}")
         return reply.content
 
-    def reply_metrics(self, server_round: int, content: RecordDict) -> dict[str, float]:
-        """Validated metrics of a reply: num-examples and the checksum of the model trained."""
+    def reply_metrics(
+        self, server_round: int, content: RecordDict, node_id: int | None = None
+    ) -> dict[str, float]:
+        """Validated metrics of a reply: num-examples and the checksum of the model trained
+        (the one sent to ``node_id``)."""
         if METRICS not in content.metric_records:
             raise RejectedReply("reply has no metrics record")
         raw = content.metric_records[METRICS]
@@ -481,7 +550,7 @@ class MeteredFedAvg(FedAvg):
         if self.max_num_examples is not None and examples > self.max_num_examples:
             raise RejectedReply(f"num-examples {examples:g} exceeds {self.max_num_examples}")
         checksum = raw.get(MODEL_CHECKSUM)
-        sent = self.sent_checksums.get(server_round)
+        sent = self.expected_checksum(server_round, node_id)
         if sent is not None and checksum != sent:
             raise RejectedReply(
                 f"client trained on a different model (checksum {checksum} != {sent})"
@@ -618,6 +687,9 @@ class MeteredFedAvg(FedAvg):
         self.ledger.extend(LedgerRow(**row) for row in meta["ledger"])
         if self.downlink is not None:
             self.downlink.load_arrays(unprefixed("downlink", arrays))
+        # Nodes that kept running still hold the public model: the first round sends it as it
+        # is, so the run continues bitwise as if never stopped.
+        self._keyframes_paused = True
 
     # --- evaluation (metered; off by default) -------------------------------------------------
     def configure_evaluate(

@@ -16,6 +16,8 @@ from cmd_fl.coded import CODED_UPDATE, CodedUpdate, codec_config
 from cmd_fl.downlink import (
     CODED_CMD,
     CODED_DENSE,
+    KEYFRAME_CMD,
+    KEYFRAME_DENSE,
     PUBLIC_BASE,
     PUBLIC_VERSION,
     PublicModel,
@@ -165,13 +167,15 @@ def test_coded_training_messages_reach_every_client_bitwise(
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "cmd"])
-def test_a_node_that_missed_a_round_gets_the_whole_model_then_deltas_again(
-    tmp_path: Path, strategy: str
+@pytest.mark.parametrize("keyframes", [True, False], ids=["keyframes", "float32"])
+def test_a_node_that_missed_a_round_gets_a_keyframe_or_the_whole_model(
+    tmp_path: Path, strategy: str, keyframes: bool
 ) -> None:
     outcome, grid = simulate(
         tmp_path,
         strategy=strategy,
         codec="int8",
+        codec_keyframes=keyframes,
         num_server_rounds=6,
         failure=lambda node, r: node == 1000 and r == WARMUP + 1,
     )
@@ -182,10 +186,29 @@ def test_a_node_that_missed_a_round_gets_the_whole_model_then_deltas_again(
     }
     whole = DENSE_MODEL if strategy == "fedavg" else CMD_MODEL
     coded = CODED_DENSE if strategy == "fedavg" else CODED_CMD
-    assert kinds[WARMUP + 2] == whole  # it holds the model of round WARMUP, not WARMUP + 1
-    assert kinds[WARMUP + 3] == coded
+    keyframe = KEYFRAME_DENSE if strategy == "fedavg" else KEYFRAME_CMD
+    # It holds the model of round WARMUP, not WARMUP + 1: no delta applies to it.
+    if keyframes:
+        # A keyframe, about a quarter of float32, trained on as decoded (checksum-checked);
+        # what it decoded is not the public model, so it gets keyframes from then on.
+        assert kinds[WARMUP + 2] == kinds[WARMUP + 3] == keyframe
+        blobs = {
+            _model_kind(e.instruction): e.instruction.content.array_records[
+                _model_kind(e.instruction)
+            ]["update"].numpy()
+            for e in grid.exchanges
+            if e.server_round == WARMUP + 2
+        }
+        assert blobs[keyframe].size == blobs[coded].size  # int8 either way, same length
+        assert blobs[keyframe].tobytes() != blobs[coded].tobytes()
+        held = grid.contexts[1000].state.array_records
+        assert "cmd-fl.public" not in held  # it holds no public version
+    else:
+        assert kinds[WARMUP + 2] == whole
+        assert kinds[WARMUP + 3] == coded
     others = {_model_kind(e.instruction) for e in grid.exchanges if e.server_round == WARMUP + 2}
-    assert others == {whole, coded}
+    assert others == {keyframe if keyframes else whole, coded}
+    assert outcome.summary["rejected_replies"]["total"] == 1  # every later checksum matched
 
 
 class ForgetfulGrid(InProcessGrid):
@@ -198,10 +221,17 @@ class ForgetfulGrid(InProcessGrid):
         return super().push_messages(messages)
 
 
-def test_a_client_that_lost_its_model_says_so_and_is_sent_the_whole_model(
-    tmp_path: Path,
+@pytest.mark.parametrize("keyframes", [True, False], ids=["keyframe", "float32"])
+def test_a_client_that_lost_its_model_says_so_and_is_sent_a_keyframe_or_the_model(
+    tmp_path: Path, keyframes: bool
 ) -> None:
-    values = {**BASE, "strategy": "fedavg", "codec": "int8", "num_server_rounds": 4}
+    values = {
+        **BASE,
+        "strategy": "fedavg",
+        "codec": "int8",
+        "codec_keyframes": keyframes,
+        "num_server_rounds": 4,
+    }
     settings = RunSettings(**{**values, "results_dir": str(tmp_path)})
     grid = ForgetfulGrid(client_app, settings.num_partitions, settings.to_run_config())
     outcome = run(grid, settings)
@@ -209,8 +239,9 @@ def test_a_client_that_lost_its_model_says_so_and_is_sent_the_whole_model(
     assert [(r["round"], r["node_id"]) for r in rejections] == [(3, 1001)]
     assert "holds no model" in rejections[0]["reason"]
     round_4 = next(e for e in grid.exchanges if e.server_round == 4 and e.node_id == 1001)
-    assert _model_kind(round_4.instruction) == DENSE_MODEL
+    assert _model_kind(round_4.instruction) == (KEYFRAME_DENSE if keyframes else DENSE_MODEL)
     assert not round_4.reply.has_error()
+    assert outcome.summary["rejected_replies"]["total"] == 1
 
 
 def test_the_uplink_base_is_the_public_model_not_the_global_one(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Late joiners: a node first contacted at round 80 of 100, and one back after 74 rounds away,
-train on bitwise the server's model with bitwise the server's CMD state.
+train on bitwise the server's model (or, under an int8 downlink with keyframes, bitwise what the
+keyframe the server sent decodes to) with bitwise the server's CMD state.
 
 The real ServerApp and ClientApp run 100 rounds on an in-process grid whose nodes connect and
 leave between rounds. Embedding events every other round and refresh probes every ten
@@ -23,7 +24,7 @@ from flwr.app import Message
 
 import simulations.client_app as client_app_module
 import simulations.server_app as server_app_module
-from cmd_fl.downlink import CODED_CMD
+from cmd_fl.downlink import CODED_CMD, KEYFRAME_CMD, KEYFRAME_DENSE, decode_keyframe
 from cmd_fl.embedding import EmbeddingState
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger
@@ -146,6 +147,7 @@ class WatchedRun:
     outcome: RunOutcome
     grid: ChurnGrid
     layout: ParameterLayout
+    keyframes: bool
     server: dict[int, ServerView] = field(default_factory=dict)
     nodes: dict[tuple[int, int], NodeView] = field(default_factory=dict)
 
@@ -170,9 +172,11 @@ class WatchedRun:
         return StateDelta.from_array_record(records[CMD_STATE], self.layout.n_weights, n_modes)
 
 
-def watched_run(tmp_path: Path, codec: str) -> WatchedRun:
+def watched_run(tmp_path: Path, codec: str, keyframes: bool) -> WatchedRun:
     """Run the real apps for 100 rounds under churn, recording both sides of every round."""
-    settings = RunSettings(**SETTINGS, codec=codec, results_dir=str(tmp_path))
+    settings = RunSettings(
+        **SETTINGS, codec=codec, codec_keyframes=keyframes, results_dir=str(tmp_path)
+    )
     grid = ChurnGrid(client_app, settings.num_partitions, settings.to_run_config())
     layout = ParameterLayout.from_module(server_app_module.build_model(settings.dataset))
     strategies: list[CMDStrategy] = []
@@ -220,14 +224,15 @@ def watched_run(tmp_path: Path, codec: str) -> WatchedRun:
         patch.setattr(server_app_module, "make_strategy", make_strategy)
         patch.setattr(client_app_module, "train", train)
         outcome = run(grid, settings)
-    return WatchedRun(outcome, grid, layout, server, nodes)
+    return WatchedRun(outcome, grid, layout, settings.codec_keyframes, server, nodes)
 
 
-@pytest.fixture(scope="module", params=["none", "int8"])
+@pytest.fixture(scope="module", params=["none", "int8", "int8-keyframes"])
 def churn(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> WatchedRun:
-    """One watched run per codec, shared by the module's tests."""
-    codec = str(request.param)
-    return watched_run(tmp_path_factory.mktemp(f"late-{codec}"), codec)
+    """One watched run per downlink (float32, int8 deltas, int8 deltas and keyframes), shared
+    by the module's tests."""
+    codec, _, keyframes = str(request.param).partition("-")
+    return watched_run(tmp_path_factory.mktemp(f"late-{request.param}"), codec, bool(keyframes))
 
 
 def assert_same_state(node: EmbeddingState | None, server: EmbeddingState | None) -> None:
@@ -240,16 +245,43 @@ def assert_same_state(node: EmbeddingState | None, server: EmbeddingState | None
         assert ours.tobytes() == theirs.tobytes(), name
 
 
+def keyframe_model(run: WatchedRun, node: int, server_round: int) -> np.ndarray | None:
+    """The flat model the node's keyframe of that round decodes to (None: it got no keyframe),
+    built from the server's state of the round."""
+    records = run.exchange(node, server_round).instruction.content.array_records
+    name = next((n for n in (KEYFRAME_CMD, KEYFRAME_DENSE) if n in records), None)
+    if name is None:
+        return None
+    spec = run.strategy.codec
+    assert spec is not None
+    blob = records[name]["update"].numpy()
+    state = run.server[server_round].state
+    if name == KEYFRAME_DENSE:
+        return decode_keyframe(blob, spec, run.layout.n_weights)
+    assert state is not None
+    n_free = state.free_indices.size
+    values = decode_keyframe(blob, spec, n_free + state.n_modes)
+    return state.assemble(values[:n_free], values[n_free:])
+
+
 def assert_trained_on_the_sent_model(run: WatchedRun, node: int, server_round: int) -> None:
-    """The node's training loop got bitwise the model the server sent (and checksummed)."""
+    """The node's training loop got bitwise the model the server sent (and checksummed): the
+    public model, or what its keyframe decodes to (within int8's rounding of the public one)."""
     sent, got = run.server[server_round], run.nodes[node, server_round]
-    assert got.trained_on.dtype == sent.flat.dtype == np.float32
-    assert got.trained_on.tobytes() == sent.flat.tobytes()
+    keyframe = keyframe_model(run, node, server_round)
+    expected = sent.flat if keyframe is None else keyframe
+    assert got.trained_on.dtype == expected.dtype == np.float32
+    assert got.trained_on.tobytes() == expected.tobytes()
     assert got.extras.tobytes() == sent.extras.tobytes()
     reply = run.exchange(node, server_round).reply
     checksum = reply.content.metric_records[METRICS][MODEL_CHECKSUM]
-    assert checksum == run.strategy.sent_checksums[server_round]
-    assert checksum == model_checksum(sent.flat, sent.extras)
+    assert checksum == model_checksum(expected, sent.extras)
+    public = run.strategy.sent_checksums[server_round]
+    if keyframe is None:
+        assert checksum == public
+    else:
+        assert checksum != public
+        assert np.abs(keyframe - sent.flat).max() < 0.02
 
 
 # --- the run is what the tests need ----------------------------------------------------------
@@ -302,10 +334,12 @@ def test_a_late_joiner_gets_the_full_state_and_the_model_as_it_is(
     assert delta.is_full and delta.from_version == 0
     assert delta.to_version == server_state.version
     assert delta.modes is not None and delta.references is not None
-    # The model as it is (under int8: the public model, not a delta against one it lacks).
+    # The model as it is (under int8: the public model, not a delta against one it lacks), or
+    # a keyframe of it; a probe round sends it as it is (the probe's values are taken as sent).
     records = exchange.instruction.content.array_records
-    assert set(records) == {CMD_MODEL, CMD_STATE}
     probe = exchange.instruction.content.config_records[CONFIG][PROBE]
+    model = KEYFRAME_CMD if churn.keyframes and not probe else CMD_MODEL
+    assert set(records) == {model, CMD_STATE}
     assert probe == int(first == PROBE_JOIN)  # a probe: it trains and sends every weight
     if probe:
         sent_back = CMDModel.from_record(
@@ -330,10 +364,17 @@ def test_a_late_joiner_trains_on_what_the_nodes_that_never_left_decoded(
         assert (CODED_CMD in exchange.instruction.content.array_records) == coded
     joiner = churn.nodes[LATE, JOIN].trained_on
     for exchange in veterans:
-        assert churn.nodes[exchange.node_id, JOIN].trained_on.tobytes() == joiner.tobytes()
-    # Its reply proved it holds round 80's model and state: it is sent deltas from then on.
+        veteran = churn.nodes[exchange.node_id, JOIN].trained_on
+        if churn.keyframes:  # the joiner's keyframe is the veterans' model, rounded
+            assert veteran.tobytes() != joiner.tobytes()
+            assert np.abs(veteran - joiner).max() < 0.02
+        else:
+            assert veteran.tobytes() == joiner.tobytes()
+    # Its reply proved it holds round 80's model and state: it is sent deltas from then on
+    # (keyframes: a keyframe's model is not the public one, so keyframes from then on).
     after = churn.exchange(LATE, JOIN + 1).instruction.content.array_records
-    assert (CODED_CMD in after) == coded
+    assert (KEYFRAME_CMD in after) == churn.keyframes
+    assert (CODED_CMD in after) == (coded and not churn.keyframes)
     delta, state_80 = churn.delta(LATE, JOIN + 1), churn.server[JOIN].state
     assert state_80 is not None
     assert delta is None or (not delta.is_full and delta.from_version == state_80.version)
@@ -354,9 +395,9 @@ def test_a_node_back_after_74_rounds_catches_up_with_one_delta(churn: WatchedRun
         np.union1d(delta.embed_indices, delta.release_indices), delta.refit_indices
     )
     assert np.isin(held.embedded_indices, changed).all()
-    # Under int8 it holds round 5's public model: it is sent the model as it is.
+    # Under int8 it holds round 5's public model: it is sent the model as it is, or a keyframe.
     records = churn.exchange(BACK, JOIN).instruction.content.array_records
-    assert set(records) == {CMD_MODEL, CMD_STATE}
+    assert set(records) == {KEYFRAME_CMD if churn.keyframes else CMD_MODEL, CMD_STATE}
     assert_trained_on_the_sent_model(churn, BACK, JOIN)
     assert_same_state(churn.nodes[BACK, JOIN].state, server_state)
     assert not any(r["node_id"] == BACK for r in churn.strategy.rejections)
