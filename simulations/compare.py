@@ -55,22 +55,34 @@ class Method:
 # config, so every method of a comparison sees the same data, partitions, seed and rounds.
 METHODS: dict[str, Method] = {
     # The dense baseline: every saving is measured against it, paired per seed.
-    "fedavg": Method("FedAvg", {"strategy": "fedavg"}),
+    "fedavg": Method("FedAvg", {"strategy": "fedavg", "codec": "none"}),
     # APF as in shared/docs/apf.md: alpha = 0.99 and T0 = 0.05, the authors' code closest to the
     # ICDCS paper (with alpha = 0.99 a 40-round run freezes little: reported as measured).
     "apf": Method(
         "APF",
-        {"strategy": "apf", "apf-alpha": 0.99, "apf-threshold": 0.05, "apf-random-freeze": False},
+        {
+            "strategy": "apf",
+            "apf-alpha": 0.99,
+            "apf-threshold": 0.05,
+            "apf-random-freeze": False,
+            "codec": "none",
+        },
     ),
     # Our stand-in for the aggressive variants (APF#, APF++, A-APF), whose definitions were not
     # available: each parameter gets one extra frozen round with probability 0.5.
     "apf-random": Method(
         "APF + random freezing",
-        {"strategy": "apf", "apf-alpha": 0.99, "apf-threshold": 0.05, "apf-random-freeze": True},
+        {
+            "strategy": "apf",
+            "apf-alpha": 0.99,
+            "apf-threshold": 0.05,
+            "apf-random-freeze": True,
+            "codec": "none",
+        },
     ),
     # CMD with this project's defaults (RunSettings): stability+fit selection, |a| <= 10,
     # references with enough variance, at most 80 % embedded, guard and refresh on.
-    "cmd": Method("CMD", {"strategy": "cmd"}),
+    "cmd": Method("CMD", {"strategy": "cmd", "codec": "none"}),
     # The paper's rule: embed the most stable weights, no cap, no bound on |a|, no reference
     # variance floor, no refresh, references on their own gradient (cmd-method.md measured
     # such runs collapsing).
@@ -84,11 +96,14 @@ METHODS: dict[str, Method] = {
             "cmd-max-embedded": 1.0,
             "cmd-refresh-every": 0,
             "cmd-reference-gradient": "own",
+            "codec": "none",
         },
     ),
     # CMD with the reference code's projection: clients train every weight and the embedded
     # ones are re-projected at the round boundary instead of after every local step.
-    "cmd-round": Method("CMD (round projection)", {"strategy": "cmd", "cmd-projection": "round"}),
+    "cmd-round": Method(
+        "CMD (round projection)", {"strategy": "cmd", "cmd-projection": "round", "codec": "none"}
+    ),
     # What a Flower user would try first: FedAvg's updates through a codec (both directions,
     # with error feedback); and the same codecs on what CMD sends.
     "fedavg-fp16": Method("FedAvg + fp16", {"strategy": "fedavg", "codec": "fp16"}),
@@ -108,7 +123,9 @@ METHODS: dict[str, Method] = {
     "cmd-topk": Method("CMD + top-10 %", {"strategy": "cmd", "codec": "topk"}),
     # The compact state (cmd-coefficients = grid: one-byte a, float16 b), for clients that
     # get the whole state rarely (cross-device); alone and under int8.
-    "cmd-grid": Method("CMD, one-byte a", {"strategy": "cmd", "cmd-coefficients": "grid"}),
+    "cmd-grid": Method(
+        "CMD, one-byte a", {"strategy": "cmd", "cmd-coefficients": "grid", "codec": "none"}
+    ),
     "cmd-int8-grid": Method(
         "CMD + int8, one-byte a", {"strategy": "cmd", "codec": "int8", "cmd-coefficients": "grid"}
     ),

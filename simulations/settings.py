@@ -66,7 +66,7 @@ class RunSettings:
     cmd_refresh_refit: bool = True  # probes also re-fit b of the weights that stay embedded
     cmd_refresh_refill: bool = False  # events may embed others in released weights' place
     cmd_coefficients: str = "auto"  # a, b precision: auto | float32 | float16 | grid
-    codec: str = "none"  # update codec: "none" | "fp16" | "int8" | "topk"
+    codec: str = "int8"  # update codec: "none" | "fp16" | "int8" | "topk" (measured: int8)
     codec_downlink: bool = True  # the codec also codes training messages (deltas vs clients' model)
     codec_keyframes: bool = True  # a node without the base gets the model coded, not float32
     codec_block_size: int = 256  # int8: values per scale; 0 = one scale per vector

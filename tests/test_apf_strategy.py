@@ -44,8 +44,9 @@ from tests.test_flower_apps import simulate as run_apps
 # round 9 on digits). Both keep these runs short.
 RANDOM: dict[str, Any] = {"apf_random_freeze": True}
 SHORT_ALPHA: dict[str, Any] = {"apf_alpha": 0.5, "apf_threshold": 0.5}
-BASE: dict[str, Any] = {
+BASE: dict[str, Any] = {  # float32 messages (APF under a codec: test_apf_codec)
     "strategy": "apf",
+    "codec": "none",
     "dataset": "digits",
     "num_partitions": 4,
     "num_server_rounds": 6,

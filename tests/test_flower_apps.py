@@ -19,7 +19,10 @@ from strategies.cmd_strategy import CMDStrategy
 from tests.inprocess_grid import Failure, InProcessGrid, Tamper, network_bytes
 
 WARMUP = 2
+# Uncoded (float32) messages: these tests read the protocol's values as they travel; the
+# codecs, the default included, have their own tests (test_codec_runs, test_downlink).
 BASE: dict[str, Any] = {
+    "codec": "none",
     "dataset": "digits",
     "num_partitions": 4,
     "num_server_rounds": 7,

@@ -193,13 +193,20 @@ def results(run: FlowerRun) -> tuple[dict[str, Any], list[dict[str, str]]]:
     return run.summary, run.ledger
 
 
-def uplink_bytes_per_message(ledger: list[dict[str, str]]) -> dict[int, float]:
-    """Mean wire bytes of the training replies, per round."""
+def uplink_bytes_per_message(
+    ledger: list[dict[str, str]], direction: str = "up"
+) -> dict[int, float]:
+    """Mean wire bytes of the training replies (``direction="down"``: instructions), per round."""
     per_round: dict[int, list[int]] = defaultdict(list)
     for row in ledger:
-        if row["phase"] == "train" and row["direction"] == "up":
+        if row["phase"] == "train" and row["direction"] == direction:
             per_round[int(row["round"])].append(int(row["wire_bytes"]))
     return {r: sum(sizes) / len(sizes) for r, sizes in sorted(per_round.items())}
+
+
+def downlink_bytes_per_message(ledger: list[dict[str, str]]) -> dict[int, float]:
+    """Mean wire bytes of the training instructions, per round."""
+    return uplink_bytes_per_message(ledger, "down")
 
 
 def test_pyproject_declares_every_run_setting_with_its_default() -> None:
@@ -262,9 +269,15 @@ def test_summary_totals_equal_the_ledger(flower_run: FlowerRun) -> None:
 
 
 def test_cmd_replies_are_smaller_than_dense_ones(flower_run: FlowerRun) -> None:
+    # The default codec (int8) codes every reply, warm-up included; the first CMD reply has
+    # nothing embedded yet (a few bytes more: the state version), then each is smaller.
+    assert flower_run.summary["config"]["codec"] == "int8"
     per_message = uplink_bytes_per_message(results(flower_run)[1])
     dense = per_message[1]
+    float32_model = downlink_bytes_per_message(results(flower_run)[1])[1]
+    assert dense < 0.3 * float32_model
     cmd_rounds = [r for r in per_message if r > WARMUP]
     assert cmd_rounds == list(range(WARMUP + 1, NUM_ROUNDS + 1))
-    for r in cmd_rounds:
+    assert per_message[WARMUP + 1] < dense + 64
+    for r in cmd_rounds[1:]:
         assert per_message[r] < dense, (r, per_message)
