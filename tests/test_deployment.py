@@ -61,9 +61,9 @@ CRASH_RUN_TIMEOUT_S = 480  # plus up to 60 s until the SuperLink declares the no
 START_TIMEOUT_S = 90
 TRAFFIC_TOLERANCE = 0.02
 MARKER_VARIABLE = "CMD_FL_DEPLOYMENT_TEST"
-RUN_CONFIG = (
+RUN_CONFIG = (  # float32 messages; the coded run below adds codec='int8' (the default)
     f"dataset='digits' num-server-rounds={NUM_ROUNDS} cmd-warmup={WARMUP} cmd-embed-every=1 "
-    f"learning-rate=0.1 num-partitions=2"
+    f"learning-rate=0.1 num-partitions=2 codec='none'"
 )
 
 
@@ -553,7 +553,8 @@ def test_a_coded_run_keeps_both_nodes_in_step_over_tls(federation: Federation) -
     # int8 both ways: each SuperNode keeps the model it was sent in context.state and decodes
     # the next round's delta against it; any mismatch would be a rejected checksum.
     log = federation.deployment.root / "run-int8.log"
-    config = f"{RUN_CONFIG} codec='int8' results-dir='{federation.results}' run-name='deploy-int8'"
+    coded = RUN_CONFIG.replace("codec='none'", "codec='int8'")
+    config = f"{coded} results-dir='{federation.results}' run-name='deploy-int8'"
     started = time.monotonic()
     process = federation.deployment.flwr_run(config, log)
     run = finish_run(federation, process, log, "deploy-int8", RUN_TIMEOUT_S, started)
