@@ -116,15 +116,25 @@ def _direction_of(message: Message, direction: Direction | None) -> Direction:
     return direction
 
 
-def _tree_object_sizes(object_id: str, obj: InflatableObject) -> Iterator[tuple[str, int]]:
+def _tree_object_sizes(
+    object_id: str, obj: InflatableObject, known: dict[str, int] | None = None
+) -> Iterator[tuple[str, int]]:
     """Yield ``(object_id, deflated size)`` of every node of `obj`'s tree, children first.
 
     A shared object appears once per parent, as in Flower's `iterate_object_tree`. Child ids
     come from the parents' ``children`` (cached by Flower), so array chunks are not re-hashed.
+    ``known`` maps object ids to sizes already measured (an id is the SHA-256 of the deflated
+    bytes, so equal ids have equal sizes); new sizes are added to it.
     """
     for child_id, child in (obj.children or {}).items():
-        yield from _tree_object_sizes(child_id, child)
-    yield object_id, len(obj.deflate())
+        yield from _tree_object_sizes(child_id, child, known)
+    if known is None:
+        yield object_id, len(obj.deflate())
+        return
+    size = known.get(object_id)
+    if size is None:
+        size = known[object_id] = len(obj.deflate())
+    yield object_id, size
 
 
 def _object_tree(object_id: str, obj: InflatableObject) -> ObjectTree:
@@ -133,7 +143,9 @@ def _object_tree(object_id: str, obj: InflatableObject) -> ObjectTree:
     return ObjectTree(object_id=object_id, children=children)
 
 
-def message_wire_bytes(message: Message, direction: Direction | None = None) -> int:
+def message_wire_bytes(
+    message: Message, direction: Direction | None = None, known: dict[str, int] | None = None
+) -> int:
     """Return the bytes of deflated Flower objects that carry `message` across the Fleet API.
 
     A downlink (instruction) message is pulled by the SuperNode node by node of its object
@@ -146,6 +158,9 @@ def message_wire_bytes(message: Message, direction: Direction | None = None) -> 
         The message as sent or received.
     direction : {"down", "up"} | None, default None
         Server-to-client or client-to-server. None: "up" when the message replies to another.
+    known : dict[str, int] | None, default None
+        Sizes of objects measured before, by object id (read and extended): a record sent to
+        many nodes is deflated once.
 
     Returns
     -------
@@ -158,7 +173,7 @@ def message_wire_bytes(message: Message, direction: Direction | None = None) -> 
     holds an identical object (e.g. two clients reply with the same Array in one round), it is
     not pushed again, and this count is an upper bound.
     """
-    sizes = list(_tree_object_sizes(message.object_id, message))
+    sizes = list(_tree_object_sizes(message.object_id, message, known))
     if _direction_of(message, direction) == "down":
         return sum(size for _, size in sizes)
     return sum(dict(sizes).values())
@@ -216,7 +231,9 @@ def message_control_split(message: Message, direction: Direction | None = None) 
     return int(push_request.ByteSize()), int(push_response.ByteSize())
 
 
-def message_record_wire_bytes(message: Message, name: str) -> int:
+def message_record_wire_bytes(
+    message: Message, name: str, known: dict[str, int] | None = None
+) -> int:
     """Return the wire bytes of one record of `message` (0 when it has no such record).
 
     The deflated record and every object under it (Arrays, chunks), counted as an instruction
@@ -228,11 +245,13 @@ def message_record_wire_bytes(message: Message, name: str) -> int:
         The message.
     name : str
         The record's key in the message content.
+    known : dict[str, int] | None, default None
+        Sizes measured before, by object id (as for `message_wire_bytes`).
     """
     if not message.has_content() or name not in message.content:
         return 0
     record = message.content[name]
-    return sum(size for _, size in _tree_object_sizes(record.object_id, record))
+    return sum(size for _, size in _tree_object_sizes(record.object_id, record, known))
 
 
 def saved_fraction(spent: int | float, baseline: int | float) -> float:
@@ -359,8 +378,12 @@ class ByteLedger:
         Initial rows.
     """
 
+    # Object sizes kept between messages (a round's shared records), dropped beyond this many.
+    KNOWN_SIZES_LIMIT = 65_536
+
     def __init__(self, rows: Iterable[LedgerRow] = ()) -> None:
         self._rows: list[LedgerRow] = []
+        self._known_sizes: dict[str, int] = {}  # object id -> deflated size
         self.extend(rows)
 
     @property
@@ -423,10 +446,13 @@ class ByteLedger:
         LedgerRow
             The row added.
         """
+        if len(self._known_sizes) > self.KNOWN_SIZES_LIMIT:
+            self._known_sizes = {}
+        known = self._known_sizes  # the state record's objects were sized with the message's
         payload = message_payload_bytes(message.content) if message.has_content() else 0
-        wire = message_wire_bytes(message, direction)
+        wire = message_wire_bytes(message, direction, known)
         control_up, control_down = message_control_split(message, direction)
-        state = message_record_wire_bytes(message, state_record) if state_record else 0
+        state = message_record_wire_bytes(message, state_record, known) if state_record else 0
         if direction == "up" and message.metadata.src_node_id == SUPERLINK_NODE_ID:
             # The SuperLink wrote this reply itself (an error such as NODE_UNAVAILABLE for a
             # node that stopped sending heartbeats): nothing crossed the Fleet API.

@@ -381,3 +381,45 @@ def test_saved_vs_counts_network_bytes_up_and_down() -> None:
     assert ledger.saved_vs(250) == pytest.approx(-1.0)
     assert ledger.saved_vs(ByteLedger()) == 0.0
     assert saved_fraction(30, 120) == pytest.approx(0.75)
+
+
+def test_a_record_sent_to_many_nodes_is_deflated_once_and_counted_for_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: one model record (several chunks) and state record shared by five instructions,
+    # as a round's messages share them; their sizes measured one message at a time.
+    content = _model_content(700_000)
+    content[STATE_RECORD] = ArrayRecord({"cmd-state": Array(np.arange(5000, dtype=np.uint8))})
+    messages = [make_instruction(RecordDict(dict(content.items())), n) for n in range(1, 6)]
+    expected = [
+        (message_wire_bytes(m, "down"), message_record_wire_bytes(m, STATE_RECORD))
+        for m in messages
+    ]
+    deflated: list[int] = []
+    for cls in {type(o) for m in messages for o in _tree(m)} - {Message}:
+        real = cls.deflate
+
+        def counting(self: Any, real: Any = real) -> bytes:
+            deflated.append(id(self))
+            return real(self)
+
+        monkeypatch.setattr(cls, "deflate", counting)
+
+    # Execute
+    ledger = ByteLedger()
+    rows = [ledger.record_message(1, "train", "down", n, m) for n, m in enumerate(messages, 1)]
+
+    # Assert: every row as measured alone; each shared object deflated for the first only.
+    assert [(r.wire_bytes, r.state_bytes) for r in rows] == expected
+    shared = {id(o) for o in _tree(messages[0])[2:]}  # below the message and its RecordDict
+    assert len(shared) > 3  # the records, the arrays and the model's chunks
+    measured = [oid for oid in deflated if oid in shared]
+    assert len(measured) == len(set(measured)) == len(shared)
+
+
+def _tree(obj: Any) -> list[Any]:
+    """Every object of an inflatable object's tree (itself included)."""
+    found = [obj]
+    for child in (obj.children or {}).values():
+        found.extend(_tree(child))
+    return found
