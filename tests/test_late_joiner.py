@@ -245,9 +245,19 @@ def assert_same_state(node: EmbeddingState | None, server: EmbeddingState | None
         assert ours.tobytes() == theirs.tobytes(), name
 
 
-def keyframe_model(run: WatchedRun, node: int, server_round: int) -> np.ndarray | None:
-    """The flat model the node's keyframe of that round decodes to (None: it got no keyframe),
-    built from the server's state of the round."""
+@dataclass
+class Keyframe:
+    """A node's keyframe of one round: the values it carried, decoded, and the public model's
+    values they code (free values then reference values under CMD), and the full flat model
+    the node rebuilds from them."""
+
+    decoded: np.ndarray
+    exact: np.ndarray
+    model: np.ndarray
+
+
+def keyframe_of(run: WatchedRun, node: int, server_round: int) -> Keyframe | None:
+    """The node's keyframe of that round (None: it got none), built from the server's state."""
     records = run.exchange(node, server_round).instruction.content.array_records
     name = next((n for n in (KEYFRAME_CMD, KEYFRAME_DENSE) if n in records), None)
     if name is None:
@@ -255,21 +265,36 @@ def keyframe_model(run: WatchedRun, node: int, server_round: int) -> np.ndarray 
     spec = run.strategy.codec
     assert spec is not None
     blob = records[name]["update"].numpy()
-    state = run.server[server_round].state
+    sent = run.server[server_round]
     if name == KEYFRAME_DENSE:
-        return decode_keyframe(blob, spec, run.layout.n_weights)
+        decoded = decode_keyframe(blob, spec, run.layout.n_weights)
+        return Keyframe(decoded, sent.flat, decoded)
+    state = sent.state
     assert state is not None
     n_free = state.free_indices.size
-    values = decode_keyframe(blob, spec, n_free + state.n_modes)
-    return state.assemble(values[:n_free], values[n_free:])
+    decoded = decode_keyframe(blob, spec, n_free + state.n_modes)
+    exact = np.concatenate([sent.flat[state.free_indices], sent.flat[state.references]])
+    return Keyframe(decoded, exact, state.assemble(decoded[:n_free], decoded[n_free:]))
+
+
+def assert_within_int8_rounding(decoded: np.ndarray, exact: np.ndarray, block: int) -> None:
+    """Every decoded value is within half a quantisation step (its block's ``max|x| / 127``)
+    of the exact one, and not all are exact (the keyframe was really coded)."""
+    block = block or exact.size
+    pad = -exact.size % block
+    rows = np.pad(exact, (0, pad)).reshape(-1, block)
+    error = np.pad(np.abs(decoded - exact), (0, pad)).reshape(-1, block)
+    half_step = np.abs(rows).max(axis=1) / np.float32(127) / 2
+    assert np.all(error <= half_step[:, None] * 1.0001 + 1e-7)
+    assert error.max() > 0
 
 
 def assert_trained_on_the_sent_model(run: WatchedRun, node: int, server_round: int) -> None:
     """The node's training loop got bitwise the model the server sent (and checksummed): the
     public model, or what its keyframe decodes to (within int8's rounding of the public one)."""
     sent, got = run.server[server_round], run.nodes[node, server_round]
-    keyframe = keyframe_model(run, node, server_round)
-    expected = sent.flat if keyframe is None else keyframe
+    keyframe = keyframe_of(run, node, server_round)
+    expected = sent.flat if keyframe is None else keyframe.model
     assert got.trained_on.dtype == expected.dtype == np.float32
     assert got.trained_on.tobytes() == expected.tobytes()
     assert got.extras.tobytes() == sent.extras.tobytes()
@@ -281,7 +306,9 @@ def assert_trained_on_the_sent_model(run: WatchedRun, node: int, server_round: i
         assert checksum == public
     else:
         assert checksum != public
-        assert np.abs(keyframe - sent.flat).max() < 0.02
+        spec = run.strategy.codec
+        assert spec is not None and spec.name == "int8"
+        assert_within_int8_rounding(keyframe.decoded, keyframe.exact, spec.block_size)
 
 
 # --- the run is what the tests need ----------------------------------------------------------
