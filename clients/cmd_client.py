@@ -312,7 +312,7 @@ class CMDClient:
             delta = StateDelta.from_array_record(
                 content.array_records[CMD_STATE], self.layout.n_weights, n_modes
             )
-            state = apply_delta(state, delta)
+            state = apply_delta(state, delta, self.layout.n_weights)
             if persist:
                 save_state(context.state, self.state_key, state)
         if state is None:

@@ -244,7 +244,7 @@ def load_state(store: RecordDict, key: str, n_weights: int) -> EmbeddingState | 
     meta = store.config_records[key + ".meta"]
     n_modes = int(meta[N_MODES])  # type: ignore[arg-type]
     delta = StateDelta.from_array_record(store.array_records[key], n_weights, n_modes)
-    return apply_delta(None, delta)
+    return apply_delta(None, delta, n_weights)
 
 
 def extras_nbytes(specs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> int:

@@ -19,7 +19,7 @@ def full_state(state: EmbeddingState) -> StateDelta:
         embed_indices=emb,
         embed_a=state.frozen_a[emb],
         embed_b=state.frozen_b[emb],
-        modes=state.modes,
+        embed_modes=state.modes[emb],
         references=state.references,
     )
 
@@ -88,6 +88,7 @@ class EmbeddingHistory:
             embed_indices=emb,
             embed_a=state.frozen_a[emb],
             embed_b=state.frozen_b[emb],
+            embed_modes=state.modes[emb],
             release_indices=touched[~now_embedded],
             refit_indices=refit,
             refit_b=state.frozen_b[refit],
@@ -100,18 +101,31 @@ def _union(sets: Iterable[np.ndarray]) -> np.ndarray:
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
-def apply_delta(state: EmbeddingState | None, delta: StateDelta) -> EmbeddingState:
+def apply_delta(
+    state: EmbeddingState | None, delta: StateDelta, n_weights: int | None = None
+) -> EmbeddingState:
     """A client's state after ``delta`` (a new object for a full state, else ``state`` changed).
+
+    ``n_weights`` (N) is needed for a full state only (a full state does not carry the mode id
+    of every weight, so it does not tell N); it defaults to ``state``'s.
 
     Raises
     ------
     ValueError
         If the delta does not start from a version the client can use: a gap (the client is
-        older than ``delta.from_version``) or a client newer than ``delta.to_version``.
+        older than ``delta.from_version``) or a client newer than ``delta.to_version``; or N is
+        unknown for a full state.
     """
     if delta.is_full:
-        assert delta.modes is not None and delta.references is not None
-        fresh = EmbeddingState(delta.modes, delta.references, version=delta.to_version)
+        assert delta.references is not None
+        size = n_weights if n_weights is not None else None if state is None else state.n_weights
+        if size is None:
+            raise ValueError("applying a full state needs the number of weights N")
+        fresh = EmbeddingState(
+            _known_modes(np.zeros(size, dtype=np.uint8), delta.references, delta),
+            delta.references,
+            version=delta.to_version,
+        )
         fresh.embed(delta.embed_indices, delta.embed_a, delta.embed_b)
         return fresh
     if state is None:
@@ -124,6 +138,7 @@ def apply_delta(state: EmbeddingState | None, delta: StateDelta) -> EmbeddingSta
     if delta.release_indices.size:
         state.release(delta.release_indices)
     if delta.embed_indices.size:
+        state.modes = _known_modes(state.modes, state.references, delta)
         state.embed(delta.embed_indices, delta.embed_a, delta.embed_b)
     if delta.refit_indices.size:
         refit = delta.refit_indices
@@ -132,3 +147,16 @@ def apply_delta(state: EmbeddingState | None, delta: StateDelta) -> EmbeddingSta
         state.embed(refit, state.frozen_a[refit], delta.refit_b)
     state.version = delta.to_version
     return state
+
+
+def _known_modes(modes: np.ndarray, references: np.ndarray, delta: StateDelta) -> np.ndarray:
+    """``modes`` with each reference's mode and the modes of the weights ``delta`` embeds.
+
+    A client knows the modes of the references and of the weights it holds embedded; the
+    others keep what they had (0 for a new client) and are never read: free weights travel
+    as values.
+    """
+    out = modes.copy()
+    out[references] = np.arange(references.size, dtype=np.uint8)
+    out[delta.embed_indices] = delta.embed_modes
+    return out

@@ -47,11 +47,12 @@ MAX_INDEX_UNIVERSE = 2**32
 
 _TAG_BITMAP = 0
 _TAG_VARINT = 1
+_TAG_ELIAS_FANO = 2
 _MAX_VARINT_BYTES = 5  # ceil(32 / 7): enough for any value below MAX_INDEX_UNIVERSE
 
 # StateDelta blob: format version, coefficient width (bytes), from/to versions, then the byte
-# length of each index part (modes, references, embed, release, refit).
-_STATE_FORMAT = 3
+# length of each part (mode ids of the embedded weights, references, embed, release, refit).
+_STATE_FORMAT = 4
 _STATE_HEADER = struct.Struct("<BBqqQQQQQ")
 _COEFFICIENT_DTYPES: dict[int, np.dtype] = {4: np.dtype("<f4"), 2: np.dtype("<f2")}
 _GRID_WIDTH = 1  # width code: a as one-byte grid codes (float16 escapes), b in float16
@@ -135,11 +136,13 @@ def _as_index_array(indices: np.ndarray, universe: int, what: str) -> np.ndarray
 
 
 def encode_index_set(indices: np.ndarray, universe: int) -> np.ndarray:
-    """Encode a set of indices in ``[0, universe)`` into the smaller of two forms.
+    """Encode a set of indices in ``[0, universe)`` into the smallest of three forms.
 
     The first byte is a tag. Tag 0: a bitmap of ``ceil(universe / 8)`` bytes (bit ``i % 8`` of
     byte ``i // 8`` is set when ``i`` is in the set). Tag 1: LEB128 varints of the first index
-    and of the gaps between consecutive indices. On a tie the bitmap is used.
+    and of the gaps between consecutive indices. Tag 2: Elias-Fano (`_elias_fano_encode`),
+    about ``2 + log2(universe / n)`` bits per index, the smallest for sets of a few percent of
+    the universe. On a tie the earlier tag is used.
 
     Parameters
     ----------
@@ -163,12 +166,89 @@ def encode_index_set(indices: np.ndarray, universe: int) -> np.ndarray:
     bitmap_size = (universe + 7) // 8
     gaps = np.diff(arr, prepend=0).astype(np.uint64)
     varints = _varint_encode(gaps)
-    if bitmap_size <= varints.size:
+    elias_fano_size = _elias_fano_size(arr.size, universe)
+    if bitmap_size <= min(varints.size, elias_fano_size):
         bits = np.zeros(universe, dtype=np.uint8)
         bits[arr] = 1
         body = np.packbits(bits, bitorder="little")
         return np.concatenate(([np.uint8(_TAG_BITMAP)], body)).astype(np.uint8)
-    return np.concatenate(([np.uint8(_TAG_VARINT)], varints)).astype(np.uint8)
+    if varints.size <= elias_fano_size:
+        return np.concatenate(([np.uint8(_TAG_VARINT)], varints)).astype(np.uint8)
+    return np.concatenate(([np.uint8(_TAG_ELIAS_FANO)], _elias_fano_encode(arr, universe)))
+
+
+def _elias_fano_low_bits(count: int, universe: int) -> int:
+    """Low bits per index of an Elias-Fano set: ``floor(log2(universe / count))``, at least 0."""
+    if count == 0 or universe <= count:
+        return 0
+    return (universe // count).bit_length() - 1
+
+
+def _elias_fano_size(count: int, universe: int) -> int:
+    """Bytes of `_elias_fano_encode`'s body for ``count`` indices in ``[0, universe)``."""
+    low = _elias_fano_low_bits(count, universe)
+    upper_bits = count + ((universe - 1) >> low) + 1 if universe else count
+    head = _varint_encode(np.array([count], dtype=np.uint64)).size + 1
+    return head + (count * low + 7) // 8 + (upper_bits + 7) // 8
+
+
+def _elias_fano_encode(arr: np.ndarray, universe: int) -> np.ndarray:
+    """Elias-Fano body: the low-bit count ``L`` (one byte), the number of indices (a varint),
+    the ``L`` low bits of every index packed little-endian, then the upper bit vector: index
+    ``i`` sets bit ``(x_i >> L) + i``; it has ``count + ((universe - 1) >> L) + 1`` bits."""
+    count = arr.size
+    low = _elias_fano_low_bits(count, universe)
+    head = np.concatenate(
+        ([np.uint8(low)], _varint_encode(np.array([count], dtype=np.uint64)))
+    ).astype(np.uint8)
+    low_bits = ((arr[:, None] >> np.arange(low, dtype=np.int64)) & 1).astype(np.uint8)
+    upper = np.zeros(count + ((universe - 1) >> low) + 1, dtype=np.uint8)
+    upper[(arr >> low) + np.arange(count, dtype=np.int64)] = 1
+    return np.concatenate(
+        (
+            head,
+            np.packbits(low_bits.reshape(-1), bitorder="little"),
+            np.packbits(upper, bitorder="little"),
+        )
+    ).astype(np.uint8)
+
+
+def _elias_fano_decode(body: np.ndarray, universe: int) -> np.ndarray:
+    """Read an Elias-Fano body (`_elias_fano_encode`), validating every length and bit."""
+    if body.size < 2:
+        raise WireFormatError("Elias-Fano index set is truncated in its header")
+    low = int(body[0])
+    ends = np.flatnonzero((body[1 : 1 + _MAX_VARINT_BYTES] & 0x80) == 0)
+    if not ends.size:
+        raise WireFormatError("Elias-Fano index set has a malformed count")
+    count = int(_varint_decode(body[1 : 2 + int(ends[0])])[0])
+    if count > universe:
+        raise WireFormatError(f"index set has {count} entries, universe is {universe}")
+    if low != _elias_fano_low_bits(count, universe):
+        raise WireFormatError(f"Elias-Fano index set has {low} low bits, not the canonical")
+    if body.size != _elias_fano_size(count, universe):
+        raise WireFormatError(
+            f"Elias-Fano index set has {body.size} bytes, expected "
+            f"{_elias_fano_size(count, universe)} for {count} indices"
+        )
+    cursor = 2 + int(ends[0])
+    n_low_bytes = (count * low + 7) // 8
+    low_bits = np.unpackbits(body[cursor : cursor + n_low_bytes], bitorder="little")
+    if np.any(low_bits[count * low :]):
+        raise WireFormatError("Elias-Fano index set has padding bits set")
+    n_upper = count + ((universe - 1) >> low) + 1
+    upper = np.unpackbits(body[cursor + n_low_bytes :], bitorder="little")
+    if np.any(upper[n_upper:]):
+        raise WireFormatError("Elias-Fano index set has padding bits set")
+    ones = np.flatnonzero(upper[:n_upper])
+    if ones.size != count:
+        raise WireFormatError(f"Elias-Fano index set has {ones.size} upper bits for {count}")
+    weights = np.int64(1) << np.arange(low, dtype=np.int64)
+    lows = low_bits[: count * low].reshape(count, low).astype(np.int64) @ weights
+    indices = ((ones - np.arange(count, dtype=np.int64)) << low) | lows
+    if indices.size and (int(indices[-1]) >= universe or np.any(np.diff(indices) <= 0)):
+        raise WireFormatError("Elias-Fano index set is not a strictly increasing set in range")
+    return indices.astype(np.int64)
 
 
 def decode_index_set(blob: np.ndarray | bytes, universe: int) -> np.ndarray:
@@ -220,6 +300,8 @@ def decode_index_set(blob: np.ndarray | bytes, universe: int) -> np.ndarray:
         if indices.size and int(indices[-1]) >= universe:
             raise WireFormatError(f"index set has an index >= universe {universe}")
         return indices.astype(np.int64)
+    if tag == _TAG_ELIAS_FANO:
+        return _elias_fano_decode(body, universe)
     raise WireFormatError(f"index set has unknown tag {tag}")
 
 
@@ -539,10 +621,12 @@ def _empty_indices() -> np.ndarray:
 class StateDelta:
     """What a client needs to move its CMD state from one version to another.
 
-    A *full state* (``from_version == 0``: the client knows nothing) carries the mode id of
-    every weight and the reference weight of every mode, plus every weight embedded so far.
-    A delta between two known versions carries only the embedding changes. An empty delta has
-    ``from_version == to_version``.
+    A *full state* (``from_version == 0``: the client knows nothing) carries the reference
+    weight of every mode, plus every weight embedded so far. A delta between two known versions
+    carries only the embedding changes. An empty delta has ``from_version == to_version``.
+    Mode ids travel only with the weights a delta embeds: a client needs the mode of an
+    embedded weight alone (a free weight is sent as its value), so the ids of free weights,
+    most of the model early in the embedding, never cross the network.
 
     Parameters
     ----------
@@ -556,11 +640,11 @@ class StateDelta:
         Frozen scale ``a`` of each embedded weight, ``float32``, same length.
     embed_b : np.ndarray
         Frozen offset ``b`` of each embedded weight, ``float32``, same length.
+    embed_modes : np.ndarray, default empty
+        Mode id of each embedded weight, ``uint8``, same length.
     release_indices : np.ndarray, default empty
         Weights un-embedded since `from_version` (they travel in the free vector again),
         ``int64``, strictly increasing, disjoint from `embed_indices`; empty in a full state.
-    modes : np.ndarray | None, default None
-        Mode id of every CMD weight, ``uint8``, length N; only in a full state.
     references : np.ndarray | None, default None
         Index of the reference weight of each mode (``references[m]`` belongs to mode ``m``),
         ``int64``, length M; only in a full state.
@@ -571,7 +655,8 @@ class StateDelta:
     refit_b : np.ndarray, default empty
         The new offset of each re-fit weight, ``float32``.
 
-    On the wire mode ids take `mode_id_bits` bits each. The coefficients take the fewest
+    On the wire mode ids take `mode_id_bits` bits each and references 4 bytes each, in mode
+    order. The coefficients take the fewest
     bytes that carry them exactly: ``a`` one byte on the `A_GRID_STEP` grid and ``b`` two, when
     the server snapped them so (`EmbeddingState.a_on_grid`); two each when all are float16
     (`EmbeddingState.round_coefficients`); else four.
@@ -582,8 +667,8 @@ class StateDelta:
     embed_indices: np.ndarray
     embed_a: np.ndarray
     embed_b: np.ndarray
+    embed_modes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint8))
     release_indices: np.ndarray = field(default_factory=_empty_indices)
-    modes: np.ndarray | None = None
     references: np.ndarray | None = None
     refit_indices: np.ndarray = field(default_factory=_empty_indices)
     refit_b: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32))
@@ -635,8 +720,8 @@ class StateDelta:
             If the delta is inconsistent (see `validate`).
         """
         _validate_state(self, n_weights, n_modes)
-        modes = b"" if self.modes is None else pack_mode_ids(self.modes, n_modes)
-        refs = b"" if self.references is None else _encode_set(self.references, n_weights)
+        modes = pack_mode_ids(self.embed_modes, n_modes) if self.embed_indices.size else b""
+        refs = b"" if self.references is None else self.references.astype("<u4").tobytes()
         embed = _encode_set(self.embed_indices, n_weights)
         release = _encode_set(self.release_indices, n_weights)
         refit = _encode_set(self.refit_indices, n_weights)
@@ -712,19 +797,24 @@ class StateDelta:
             return part
 
         universe = _check_universe(n_weights)
-        modes = None
-        if n_mode_bytes:
-            modes = unpack_mode_ids(take(n_mode_bytes, "modes"), universe, n_modes)
+        packed_modes = take(n_mode_bytes, "mode ids")
         references = None
         if n_ref:
-            ref_set = decode_index_set(take(n_ref, "references"), universe)
-            references = _order_references(ref_set, modes)
+            if n_ref != 4 * n_modes:
+                raise WireFormatError(f"state has {n_ref} bytes of references, not 4 x {n_modes}")
+            references = take(n_ref, "references").view("<u4").astype(np.int64)
 
         def coefficients(count: int, what: str) -> np.ndarray:
             raw = take(dtype.itemsize * count, what)
             return raw.view(dtype).astype(np.float32)
 
         embed = decode_index_set(take(n_embed, "embed indices"), universe)
+        if embed.size:
+            embed_modes = unpack_mode_ids(packed_modes, embed.size, n_modes)
+        elif n_mode_bytes:
+            raise WireFormatError("state has mode ids but embeds no weight")
+        else:
+            embed_modes = np.empty(0, dtype=np.uint8)
         if width == _GRID_WIDTH:
             codes = take(embed.size, "grid codes of a").view(np.int8)
             off_grid = codes == _A_ESCAPE
@@ -744,8 +834,8 @@ class StateDelta:
             embed_indices=embed,
             embed_a=a,
             embed_b=b,
+            embed_modes=embed_modes,
             release_indices=release,
-            modes=modes,
             references=references,
             refit_indices=refit,
             refit_b=refit_b,
@@ -761,23 +851,8 @@ def _exact_in_float16(values: np.ndarray) -> bool:
 
 
 def _encode_set(indices: np.ndarray, universe: int) -> bytes:
-    """Encode validated indices as a sorted index set (references are sorted first)."""
-    return encode_index_set(np.sort(np.asarray(indices, dtype=np.int64)), universe).tobytes()
-
-
-def _order_references(ref_set: np.ndarray, modes: np.ndarray | None) -> np.ndarray:
-    """Order the reference set by mode: ``references[modes[r]] = r``."""
-    if modes is None:
-        raise WireFormatError("state has references but no mode ids")
-    if ref_set.size and int(ref_set[-1]) >= modes.size:
-        raise WireFormatError("a reference index is outside the mode-id vector")
-    ref_modes = modes[ref_set].astype(np.int64)
-    references = np.full(ref_set.size, -1, dtype=np.int64)
-    in_range = ref_modes < ref_set.size
-    references[ref_modes[in_range]] = ref_set[in_range]
-    if not np.all(in_range) or np.any(references < 0):
-        raise WireFormatError("references do not cover each mode exactly once")
-    return references
+    """Encode validated (sorted) indices as an index set."""
+    return encode_index_set(np.asarray(indices, dtype=np.int64), universe).tobytes()
 
 
 def _validate_state(delta: StateDelta, n_weights: int, n_modes: int) -> None:
@@ -797,6 +872,14 @@ def _validate_state(delta: StateDelta, n_weights: int, n_modes: int) -> None:
     refit = _checked_set(delta.refit_indices, n_weights, "refit indices")
     # Coefficients must be float32 already: both sides must hold bitwise-equal values, so the
     # server does the rounding once, not this module.
+    embed_modes = np.asarray(delta.embed_modes)
+    if embed_modes.dtype != np.uint8 or embed_modes.shape != (embed.size,):
+        raise WireFormatError(
+            f"embed_modes must be uint8 of length {embed.size}, "
+            f"got {embed_modes.dtype} {embed_modes.shape}"
+        )
+    if embed_modes.size and int(embed_modes.max()) >= n_modes:
+        raise WireFormatError(f"a mode id is >= n_modes {n_modes}")
     for name, coef, length in (
         ("embed_a", delta.embed_a, embed.size),
         ("embed_b", delta.embed_b, embed.size),
@@ -815,25 +898,18 @@ def _validate_state(delta: StateDelta, n_weights: int, n_modes: int) -> None:
         raise WireFormatError("a re-fit weight is also embedded or released in the delta")
     if delta.from_version == delta.to_version:
         changes = embed.size or release.size or refit.size
-        if changes or delta.modes is not None or delta.references is not None:
+        if changes or delta.references is not None:
             raise WireFormatError("an empty delta (from == to) must carry nothing")
         return
     if delta.from_version > 0:
-        if delta.modes is not None or delta.references is not None:
-            raise WireFormatError("mode ids and references travel only in a full state (from 0)")
+        if delta.references is not None:
+            raise WireFormatError("references travel only in a full state (from 0)")
         return
     # Full state.
-    if delta.modes is None or delta.references is None:
-        raise WireFormatError("a full state (from 0) must carry mode ids and references")
+    if delta.references is None:
+        raise WireFormatError("a full state (from 0) must carry the references")
     if release.size or refit.size:
         raise WireFormatError("a full state cannot release or re-fit weights")
-    modes = np.asarray(delta.modes)
-    if modes.dtype != np.uint8 or modes.shape != (n_weights,):
-        raise WireFormatError(
-            f"mode ids must be uint8 of length {n_weights}, got {modes.dtype} {modes.shape}"
-        )
-    if modes.size and int(modes.max()) >= n_modes:
-        raise WireFormatError(f"a mode id is >= n_modes {n_modes}")
     refs = np.asarray(delta.references)
     if refs.dtype != np.int64 or refs.shape != (n_modes,):
         raise WireFormatError(
@@ -841,8 +917,8 @@ def _validate_state(delta: StateDelta, n_weights: int, n_modes: int) -> None:
         )
     if refs.min() < 0 or refs.max() >= n_weights:
         raise WireFormatError(f"a reference index is outside [0, {n_weights})")
-    if not np.array_equal(modes[refs], np.arange(n_modes)):
-        raise WireFormatError("references[m] must be a weight of mode m, for every mode")
+    if np.unique(refs).size != n_modes:
+        raise WireFormatError("a weight is the reference of two modes")
     if _overlap(embed, np.sort(refs)):
         raise WireFormatError("a reference weight cannot be embedded")
 

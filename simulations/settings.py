@@ -168,10 +168,15 @@ class RunSettings:
         )
 
     def coefficient_precision(self) -> str:
-        """`CMDOptions.coefficients`: ``cmd-coefficients``, where "auto" means float16 under a
-        lossy codec (it needs no float32 a, b) and float32 otherwise."""
+        """`CMDOptions.coefficients`: ``cmd-coefficients``, where "auto" means "grid" when
+        clients are sampled (``fraction-train < 1``: nearly every client then receives the whole
+        state once, and only the grid keeps that message under one dense model without a
+        codec), else float16 under a lossy codec (it needs no float32 a, b) and float32
+        otherwise."""
         if self.cmd_coefficients != "auto":
             return self.cmd_coefficients
+        if self.fraction_train < 1.0:
+            return "grid"
         return "float32" if self.codec == "none" else "float16"
 
     def cmd_options(self) -> CMDOptions:

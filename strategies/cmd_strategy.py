@@ -94,7 +94,8 @@ class CMDOptions:
         (4 bytes each on the wire), rounded to float16 (`EmbeddingState.round_coefficients`,
         2 bytes each), or ``a`` on a one-byte grid and ``b`` in float16
         (`EmbeddingState.a_on_grid`, 3 bytes a weight). Default "float32"; the run config
-        picks "float16" with a lossy codec unless ``cmd-coefficients`` says otherwise.
+        picks "grid" when clients are sampled and "float16" with a lossy codec unless
+        ``cmd-coefficients`` says otherwise.
     """
 
     selection_rule: str = "stability+fit"

@@ -12,6 +12,7 @@ import pytest
 from cmd_fl.embedding import EmbeddingState
 from cmd_fl.sync import EmbeddingHistory, apply_delta, full_state
 from cmd_fl.wire import (
+    _STATE_HEADER,
     A_GRID_STEP,
     StateDelta,
     WireFormatError,
@@ -65,7 +66,7 @@ def test_rounded_coefficients_travel_in_two_bytes_each_and_arrive_bitwise() -> N
         delta = full_state(state)
         sizes[name] = _blob_size(delta)
         back = StateDelta.from_array_record(delta.to_array_record(N, M), N, M)
-        _same(apply_delta(None, back), state)  # bitwise: float32 only where float16 is not exact
+        _same(apply_delta(None, back, N), state)  # bitwise: float32 only where float16 is not exact
     assert sizes["exact"] - sizes["rounded"] == 2 * 2 * emb.size
 
 
@@ -76,13 +77,13 @@ def test_one_coefficient_outside_float16_sends_all_in_float32() -> None:
     assert state.frozen_a[weight] == np.float32(1e6)
     delta = full_state(state)
     back = StateDelta.from_array_record(delta.to_array_record(N, M), N, M)
-    _same(apply_delta(None, back), state)
+    _same(apply_delta(None, back, N), state)
     assert _blob_size(delta) > _blob_size(full_state(_state(rounded=True)[0]))
 
 
 def test_a_refit_travels_as_new_offsets_only() -> None:
     state, history = _state(rounded=True)
-    client = apply_delta(None, history.delta(state, 0))
+    client = apply_delta(None, history.delta(state, 0), N)
     before = state.copy()
     refit = state.embedded_indices[::2]
     state.embed(refit, state.frozen_a[refit], state.frozen_b[refit] + np.float32(0.01))
@@ -100,7 +101,7 @@ def test_a_refit_travels_as_new_offsets_only() -> None:
     # 2 bytes of b per re-fit weight (and its index), not 4 of a and b.
     assert _blob_size(delta) < refit.size * (2 + 2)
     # A client that knew nothing gets the re-fit weights in its full state.
-    _same(apply_delta(None, history.delta(state, 0)), state)
+    _same(apply_delta(None, history.delta(state, 0), N), state)
 
 
 def test_a_refit_of_a_weight_the_client_does_not_hold_embedded_is_refused() -> None:
@@ -138,6 +139,7 @@ def test_malformed_refits_are_refused_on_both_ends(change: str, message: str) ->
         "embed_indices": emb[:2],
         "embed_a": np.ones(2, np.float32),
         "embed_b": np.ones(2, np.float32),
+        "embed_modes": np.zeros(2, np.uint8),
         "refit_indices": emb[2:],
         "refit_b": np.zeros(2, np.float32),
     }
@@ -204,7 +206,7 @@ def test_grid_coefficients_travel_in_three_bytes_and_keep_each_weight_where_it_w
     # Wire: one byte for a (three for an escaped one), two for b; back bitwise.
     delta = full_state(state)
     back = StateDelta.from_array_record(delta.to_array_record(N, M), N, M)
-    _same(apply_delta(None, back), state)
+    _same(apply_delta(None, back, N), state)
     half = EmbeddingState(np.arange(N) % M, np.arange(M))
     half.round_coefficients = True
     half.embed(chosen, a, b)
@@ -221,12 +223,16 @@ def test_mode_ids_travel_in_as_few_bits_as_the_modes_need() -> None:
             packed = pack_mode_ids(modes, n_modes)
             assert len(packed) == -(-n * bits // 8)
             np.testing.assert_array_equal(unpack_mode_ids(packed, n, n_modes), modes)
-    # A full state's mode ids: N / 4 bytes for M = 4, not N.
+    # A state's mode ids: those of its embedded weights only, at 2 bits for M = 4 (1,200
+    # weights: 300 bytes, not N / 4); the references take 4 bytes each.
     state, _ = _state(rounded=True)
     full = full_state(state)
-    same_embeds = dataclasses.replace(full, from_version=1, modes=None, references=None)
-    extra = _blob_size(full) - _blob_size(same_embeds)  # the ids and the reference set
-    assert N // 4 <= extra < N // 4 + 16
+    blob = full.to_array_record(N, M)["cmd-state"].numpy()
+    header = _STATE_HEADER.unpack(blob[: _STATE_HEADER.size].tobytes())
+    assert header[4] == state.n_embedded * 2 // 8 == 300
+    assert header[5] == 4 * M
+    same_embeds = dataclasses.replace(full, from_version=1, references=None)
+    assert _blob_size(full) - _blob_size(same_embeds) == 4 * M
 
 
 @pytest.mark.parametrize(

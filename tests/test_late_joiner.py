@@ -237,13 +237,17 @@ def churn(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 def assert_same_state(node: EmbeddingState | None, server: EmbeddingState | None) -> None:
-    """Bitwise the same CMD state: version, modes, references, embedded set, a and b."""
+    """Bitwise the same CMD state: version, references, embedded set, a and b, and the modes
+    of the references and the embedded weights (a node is never told a free weight's mode)."""
     assert node is not None and server is not None
     assert node.version == server.version
-    for name in ("modes", "references", "embedded", "frozen_a", "frozen_b"):
+    for name in ("references", "embedded", "frozen_a", "frozen_b"):
         ours, theirs = getattr(node, name), getattr(server, name)
         assert ours.dtype == theirs.dtype, name
         assert ours.tobytes() == theirs.tobytes(), name
+    known = np.union1d(server.embedded_indices, server.references)
+    assert node.modes.dtype == server.modes.dtype
+    assert node.modes[known].tobytes() == server.modes[known].tobytes()
 
 
 @dataclass
@@ -358,13 +362,14 @@ def test_a_late_joiner_gets_the_full_state_and_the_model_as_it_is(
     exchange = churn.exchange(node, first)
     assert not exchange.reply.has_error()
     assert min(r for n, r in churn.nodes if n == node) == first  # never contacted before
-    # A full state, at the server's version: modes and references included.
+    # A full state, at the server's version: references and the embedded weights' modes.
     delta = churn.delta(node, first)
     server_state = churn.server[first].state
     assert delta is not None and server_state is not None
     assert delta.is_full and delta.from_version == 0
     assert delta.to_version == server_state.version
-    assert delta.modes is not None and delta.references is not None
+    assert delta.references is not None
+    assert delta.embed_modes.tobytes() == server_state.modes[delta.embed_indices].tobytes()
     # The model as it is (under int8: the public model, not a delta against one it lacks), or
     # a keyframe of it; a probe round sends it as it is (the probe's values are taken as sent).
     records = exchange.instruction.content.array_records

@@ -35,3 +35,23 @@ def test_run_config_is_read_and_checked() -> None:
         RunSettings(results_dir="relative/path")
     with pytest.raises(ValueError, match="cannot read"):
         RunSettings.from_run_config({"num-server-rounds": "many"})
+
+
+@pytest.mark.parametrize(
+    ("config", "precision"),
+    [
+        ({"codec": "none"}, "float32"),
+        ({"codec": "int8"}, "float16"),
+        ({"codec": "none", "fraction-train": 0.1}, "grid"),
+        ({"codec": "int8", "fraction-train": 0.5}, "grid"),
+        ({"codec": "none", "fraction-train": 0.1, "cmd-coefficients": "float32"}, "float32"),
+        ({"codec": "int8", "cmd-coefficients": "grid"}, "grid"),
+    ],
+)
+def test_auto_coefficients_follow_codec_and_sampling(
+    config: dict[str, object], precision: str
+) -> None:
+    # Sampled clients mostly get the whole state once: "auto" sends it compactly then.
+    settings = RunSettings.from_run_config(config)
+    assert settings.coefficient_precision() == precision
+    assert settings.cmd_options().coefficients == precision

@@ -43,7 +43,7 @@ def _same(a: EmbeddingState, b: EmbeddingState) -> None:
 
 def test_every_version_catches_up_exactly() -> None:
     server, history, snapshots = _server()
-    _same(apply_delta(None, history.delta(server, 0)), server)
+    _same(apply_delta(None, history.delta(server, 0), server.n_weights), server)
     for known in snapshots:
         client = apply_delta(known.copy(), history.delta(server, known.version))
         _same(client, server)
@@ -67,7 +67,7 @@ def test_gaps_and_missing_state_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="cannot update a client at version 1"):
         apply_delta(snapshots[0].copy(), history.delta(server, 2))
     with pytest.raises(ValueError, match="no CMD state"):
-        apply_delta(None, history.delta(server, 2))
+        apply_delta(None, history.delta(server, 2), server.n_weights)
     with pytest.raises(ValueError, match="newer than the server"):
         history.delta(server, server.version + 1)
     assert isinstance(history.delta(server, 0), StateDelta)

@@ -81,27 +81,42 @@ def test_index_set_round_trip(universe: int, density: float) -> None:
     assert np.array_equal(decode_index_set(blob.tobytes(), universe), indices)
 
 
+def _elias_fano_bytes(count: int, universe: int) -> int:
+    """Body size of an Elias-Fano set, from its definition: L = floor(log2(U / n)) low bits
+    per index, n + floor((U - 1) / 2^L) + 1 upper bits, a low-bit byte and a varint count."""
+    low = int(np.floor(np.log2(universe / count))) if count and universe > count else 0
+    upper_bits = count + (universe - 1) // 2**low + 1
+    return 1 + len(_leb128([count])) + -(-count * low // 8) + -(-upper_bits // 8)
+
+
 @pytest.mark.parametrize("universe", [1, 9, 1000, 77_777])
-def test_index_set_picks_smaller_form(universe: int) -> None:
+def test_index_set_picks_smallest_form(universe: int) -> None:
     rng = np.random.default_rng(universe)
     for density in (0.0, 0.002, 0.02, 0.2, 0.7, 1.0):
         indices = np.flatnonzero(rng.random(universe) < density)
         gaps = np.diff(indices, prepend=0).tolist()
         varint_size = len(_leb128(gaps))
         bitmap_size = (universe + 7) // 8
+        elias_fano_size = _elias_fano_bytes(indices.size, universe)
         blob = encode_index_set(indices, universe)
-        assert blob.size == 1 + min(varint_size, bitmap_size)
-        if varint_size < bitmap_size:
+        assert blob.size == 1 + min(varint_size, bitmap_size, elias_fano_size)
+        if varint_size < min(bitmap_size, elias_fano_size):
             assert blob[0] == 1 and blob[1:].tobytes() == _leb128(gaps)
+        if elias_fano_size < min(bitmap_size, varint_size):
+            assert blob[0] == 2
 
 
-def test_index_set_sparse_is_varint_dense_is_bitmap() -> None:
+def test_index_set_form_follows_the_sets_shape() -> None:
     universe = 1_000_000
-    sparse = np.arange(0, universe, 10_000)
+    run = np.arange(1000, 1100)  # gaps of 1: one varint byte each
+    scattered = np.sort(np.random.default_rng(0).choice(universe, 50_000, replace=False))
     dense = np.arange(0, universe, 2)
-    sparse_blob = encode_index_set(sparse, universe)
+    run_blob = encode_index_set(run, universe)
+    scattered_blob = encode_index_set(scattered, universe)
     dense_blob = encode_index_set(dense, universe)
-    assert sparse_blob[0] == 1 and sparse_blob.size < 400
+    assert run_blob[0] == 1 and run_blob.size == 1 + 2 + 99
+    # 5 % of the universe: about 2 + log2(20) = 6.3 bits an index, where varints take 8-16.
+    assert scattered_blob[0] == 2 and scattered_blob.size < 50_000 * 6.4 / 8
     assert dense_blob[0] == 0 and dense_blob.size == 1 + universe // 8
     empty_blob = encode_index_set(np.empty(0, dtype=np.int64), universe)
     assert empty_blob.size == 1
@@ -119,7 +134,15 @@ def test_index_set_extreme_values() -> None:
     ("blob", "universe", "match"),
     [
         (b"", 10, "tag byte is missing"),
-        (b"\x02\x00", 10, "unknown tag"),
+        (b"\x03\x00", 10, "unknown tag"),
+        (b"\x02\x00", 10, "truncated in its header"),
+        (b"\x02\x01\x80\x80\x80\x80\x80", 1000, "malformed count"),
+        (b"\x02\x00\x03\x00", 1000, "low bits, not the canonical"),  # 3 of 1000: L = 8
+        (b"\x02\x08\x03\x00\x00", 1000, "has 4 bytes, expected 6"),
+        (b"\x02\x08\x03\x00\x00\x00\x03", 1000, "2 upper bits for 3"),
+        (b"\x02\x08\x03\x00\x00\x00\x87", 1000, "padding bits set"),
+        (b"\x02\x08\x03\x05\x04\x00\x07", 1000, "not a strictly increasing"),
+        (b"\x02\x00\x03\x00", 2, "3 entries"),
         (b"\x00\x01", 10, "bitmap has 1 bytes, expected 2"),
         (b"\x00\x01\x00\x00", 10, "bitmap has 3 bytes"),
         (b"\x00\x00\x04", 10, "beyond 10"),  # bit 10 set, universe 10
@@ -337,20 +360,18 @@ def _full_state(to_version: int = 3) -> StateDelta:
         embed_indices=embed,
         embed_a=a,
         embed_b=b,
-        modes=modes,
+        embed_modes=modes[embed],
         references=references,
     )
 
 
 def _assert_same_delta(x: StateDelta, y: StateDelta) -> None:
     assert (x.from_version, x.to_version) == (y.from_version, y.to_version)
-    for name in ("embed_indices", "embed_a", "embed_b", "release_indices"):
+    for name in ("embed_indices", "embed_a", "embed_b", "embed_modes", "release_indices"):
         assert _bits_equal(getattr(x, name), getattr(y, name)), name
-    for name in ("modes", "references"):
-        xa, ya = getattr(x, name), getattr(y, name)
-        assert (xa is None) == (ya is None), name
-        if xa is not None:
-            assert _bits_equal(xa, ya), name
+    assert (x.references is None) == (y.references is None)
+    if x.references is not None:
+        assert _bits_equal(x.references, y.references)
 
 
 def test_state_full_round_trip() -> None:
@@ -373,6 +394,7 @@ def test_state_delta_and_empty_round_trip() -> None:
         embed_indices=np.array([5, 17, 999], dtype=np.int64),
         embed_a=np.array([0.5, -1.0, 2.0], dtype=np.float32),
         embed_b=np.array([0.0, 0.25, -3.0], dtype=np.float32),
+        embed_modes=np.array([4, 0, 2], dtype=np.uint8),
         release_indices=np.array([6, 700], dtype=np.int64),
     )
     empty = StateDelta(
@@ -450,14 +472,15 @@ def _replace(delta: StateDelta, **changes: object) -> StateDelta:
     [
         ({"from_version": 5}, "from <= to"),
         ({"from_version": 1}, "only in a full state"),
-        ({"modes": None}, "must carry mode ids"),
+        ({"references": None}, "must carry the references"),
         ({"release_indices": np.array([1], dtype=np.int64)}, "cannot release|both embedded"),
         ({"embed_a": np.zeros(300, dtype=np.float64)}, "embed_a must be float32"),
         ({"embed_b": np.zeros(299, dtype=np.float32)}, "embed_b must be float32 of length 300"),
         ({"embed_indices": np.arange(300, 0, -1)}, "strictly increasing"),
         ({"references": np.arange(N_MODES, dtype=np.int64) + 10**6}, "reference index"),
-        ({"references": np.zeros(N_MODES, dtype=np.int64)}, "weight of mode m"),
-        ({"modes": np.full(N_WEIGHTS, N_MODES, dtype=np.uint8)}, "mode id is >= n_modes"),
+        ({"references": np.zeros(N_MODES, dtype=np.int64)}, "reference of two modes"),
+        ({"embed_modes": np.full(300, N_MODES, dtype=np.uint8)}, "mode id is >= n_modes"),
+        ({"embed_modes": np.zeros(299, dtype=np.uint8)}, "embed_modes must be uint8 of length"),
     ],
 )
 def test_state_rejects_invalid_deltas(changes: dict[str, object], match: str) -> None:
@@ -472,7 +495,11 @@ def test_state_rejects_embedded_reference_and_overlap() -> None:
     with_ref = np.union1d(full.embed_indices, full.references[:1])
     coefficients = np.zeros(with_ref.size, dtype=np.float32)
     embedded_ref = _replace(
-        full, embed_indices=with_ref, embed_a=coefficients, embed_b=coefficients
+        full,
+        embed_indices=with_ref,
+        embed_a=coefficients,
+        embed_b=coefficients,
+        embed_modes=np.zeros(with_ref.size, dtype=np.uint8),
     )
     with pytest.raises(WireFormatError, match="reference weight cannot be embedded"):
         embedded_ref.validate(N_WEIGHTS, N_MODES)
@@ -482,6 +509,7 @@ def test_state_rejects_embedded_reference_and_overlap() -> None:
         embed_indices=np.array([3], dtype=np.int64),
         embed_a=np.ones(1, dtype=np.float32),
         embed_b=np.ones(1, dtype=np.float32),
+        embed_modes=np.zeros(1, dtype=np.uint8),
         release_indices=np.array([3], dtype=np.int64),
     )
     with pytest.raises(WireFormatError, match="both embedded and released"):
