@@ -370,7 +370,7 @@ def _assert_same_delta(x: StateDelta, y: StateDelta) -> None:
     for name in ("embed_indices", "embed_a", "embed_b", "embed_modes", "release_indices"):
         assert _bits_equal(getattr(x, name), getattr(y, name)), name
     assert (x.references is None) == (y.references is None)
-    if x.references is not None:
+    if x.references is not None and y.references is not None:
         assert _bits_equal(x.references, y.references)
 
 
