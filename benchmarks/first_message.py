@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -117,16 +119,29 @@ def report(run_dir: Path) -> None:
         )
 
 
+@contextmanager
+def task_identity() -> Iterator[None]:
+    """Set what a ServerApp's Grid sets before it builds messages (a 64-bit run id, the
+    SuperLink's node id), so that messages built outside a run measure as a run's do."""
+    names = ("_run_id", "_node_id", "_task_id")
+    saved = [getattr(TaskIdentity, name) for name in names]  # None where unset
+    for name, value in zip(names, (RUN_ID, SUPERLINK_NODE_ID, 1), strict=True):
+        setattr(TaskIdentity, name, value)
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved, strict=True):
+            setattr(TaskIdentity, name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    TaskIdentity.run_id = RUN_ID  # what a ServerApp's Grid sets before building messages
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    TaskIdentity.task_id = 1
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, help="CMD run folders")
     args = parser.parse_args(argv)
-    for run_dir in args.run_dirs:
-        report(run_dir)
+    with task_identity():
+        for run_dir in args.run_dirs:
+            report(run_dir)
     return 0
 
 

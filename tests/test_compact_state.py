@@ -9,7 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from flwr.app import ArrayRecord
+
+from benchmarks import first_message
 from cmd_fl.embedding import EmbeddingState
+from cmd_fl.layout import ParameterLayout
+from cmd_fl.ledger import ByteLedger
 from cmd_fl.sync import EmbeddingHistory, apply_delta, full_state
 from cmd_fl.wire import (
     _STATE_HEADER,
@@ -20,7 +25,9 @@ from cmd_fl.wire import (
     pack_mode_ids,
     unpack_mode_ids,
 )
-from simulations.server_app import RunOutcome
+from simulations.server_app import RunOutcome, make_strategy
+from simulations.settings import RunSettings
+from simulations.task import build_model
 from strategies.cmd_strategy import CMDStrategy
 from tests.test_flower_apps import simulate
 
@@ -284,3 +291,37 @@ def outcome_state(outcome: RunOutcome) -> EmbeddingState:
     strategy = outcome.strategy
     assert isinstance(strategy, CMDStrategy) and strategy.state is not None
     return strategy.state
+
+
+@pytest.mark.parametrize("embedded_share", [0.0, 0.05, 0.1, 0.2, 0.4, 0.8])
+def test_a_new_nodes_first_message_is_no_larger_than_one_dense_model(
+    embedded_share: float,
+) -> None:
+    # The real training message a never-seen node gets (free weights in float32 and the whole
+    # state, one-byte a), against the FedAvg message of the same model, both measured as the
+    # ledger measures them: the Fashion-MNIST CNN (65,558 weights), M = 10.
+    settings = RunSettings(strategy="cmd", codec="none", cmd_coefficients="grid")
+    model = build_model(settings.dataset)
+    layout = ParameterLayout.from_module(model)
+    strategy = make_strategy(settings, layout, ByteLedger())
+    assert isinstance(strategy, CMDStrategy)
+    strategy.set_global(ArrayRecord(model.state_dict()))
+    assert strategy.global_flat is not None
+    rng = np.random.default_rng(5)
+    modes = rng.integers(0, 10, layout.n_weights)
+    references = np.array([np.flatnonzero(modes == m)[0] for m in range(10)])
+    state = EmbeddingState(modes, references)
+    state.a_on_grid = True
+    chosen = np.sort(
+        rng.choice(state.free_indices, int(embedded_share * layout.n_weights), replace=False)
+    )
+    a = rng.normal(size=chosen.size)
+    b = rng.normal(scale=0.05, size=chosen.size)
+    state.embed(chosen, a, b, strategy.global_flat[references])
+    state.version = 2
+    strategy.state, strategy.history = state, EmbeddingHistory(state)
+    with first_message.task_identity():
+        cmd_bytes, state_bytes = first_message.first_message_bytes(strategy)
+        dense_bytes = first_message.dense_message_bytes(strategy)
+    assert state_bytes > 0
+    assert cmd_bytes <= dense_bytes
