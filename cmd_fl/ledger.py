@@ -554,6 +554,40 @@ class ByteLedger:
         """Return `totals` per client node id, sorted by node id."""
         return {node: self.totals(node_id=node) for node in sorted({r.node_id for r in self._rows})}
 
+    def first_state_messages(self) -> dict[str, int]:
+        """What each node's first training instruction with CMD state cost, against a dense one.
+
+        Network bytes (wire and control) of every node's first ``train`` / ``down`` message
+        whose ``state_bytes`` are not 0 (in a cross-device run: the message that brings a
+        node the whole state), and of the largest training instruction of round 1 (the dense
+        model every method starts with).
+
+        Returns
+        -------
+        dict
+            ``nodes`` (how many nodes got state), ``max_bytes``, ``mean_bytes`` (0 when none),
+            ``dense_bytes`` (0 without a round 1), and ``over_dense`` (how many first messages
+            were larger than the dense one).
+        """
+        first: dict[int, int] = {}
+        dense = 0
+        for row in self._rows:
+            if row.phase != "train" or row.direction != "down":
+                continue
+            size = row.wire_bytes + row.control_bytes
+            if row.round == 1:
+                dense = max(dense, size)
+            if row.state_bytes and row.node_id not in first:
+                first[row.node_id] = size
+        sizes = list(first.values())
+        return {
+            "nodes": len(sizes),
+            "max_bytes": max(sizes, default=0),
+            "mean_bytes": round(sum(sizes) / len(sizes)) if sizes else 0,
+            "dense_bytes": dense,
+            "over_dense": sum(size > dense for size in sizes) if dense else 0,
+        }
+
     def to_rows(self) -> list[dict[str, int | str]]:
         """Return the rows as plain dicts (JSON-ready)."""
         return [asdict(row) for row in self._rows]

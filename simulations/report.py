@@ -62,7 +62,9 @@ TABLE_COLUMNS: tuple[Column, ...] = (
     Column("MB up", "mb_up", 1.0, 3),
     Column("MB down", "mb_down", 1.0, 3),
     Column("saved vs FedAvg (%)", "savings_vs_fedavg", 100.0, 1),
+    Column("last 10 rounds vs FedAvg (points)", "last10_vs_fedavg_points", 1.0, 2),
     Column("CMD state (% of MB)", "state_share", 100.0, 1),
+    Column("largest first state message (x dense)", "first_state_message_ratio", 1.0, 3),
     Column("accuracy at equal MB", "accuracy_at_budget", 1.0, 4),
     Column("server wall time (s)", "wall_time_s", 1.0, 1),
     Column("process wall time (s)", "process_wall_s", 1.0, 1),
@@ -113,6 +115,7 @@ def run_record(
         "total_bytes_up": int(summary["total_bytes_up"]),
         "total_bytes_down": int(summary["total_bytes_down"]),
         "total_state_bytes": int(summary.get("total_state_bytes", 0)),
+        "first_state_messages": summary.get("first_state_messages", {}),
         "wall_time_s": float(summary["wall_time_s"]),
         "process_wall_s": process.get("process_wall_s"),
         "rounds_time_s": rounds_time(summary["rounds"]),
@@ -161,6 +164,12 @@ def stat(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(array.mean()), "std": std, "n": int(array.size), "values": list(values)}
 
 
+def _last10(record: dict[str, Any]) -> float:
+    """Mean test accuracy over a run's last 10 rounds (all of them in a shorter run): the
+    final round alone moves by points from round to round when few clients train a round."""
+    return float(np.mean([row["accuracy"] for row in record["rounds"][-10:]]))
+
+
 def _total_bytes(record: dict[str, Any]) -> int:
     return int(record["total_bytes_up"]) + int(record["total_bytes_down"])
 
@@ -200,6 +209,9 @@ def aggregate_method(
         "accuracy_vs_fedavg_points": stat(
             [100.0 * (run["final_accuracy"] - base["final_accuracy"]) for run, base in paired]
         ),
+        "last10_vs_fedavg_points": stat(
+            [100.0 * (_last10(run) - _last10(base)) for run, base in paired]
+        ),
         "mb_up": stat([run["total_bytes_up"] / MB for run in runs]),
         "mb_down": stat([run["total_bytes_down"] / MB for run in runs]),
         "mb_total": stat([_total_bytes(run) / MB for run in runs]),
@@ -212,6 +224,13 @@ def aggregate_method(
         ),
         "savings_vs_fedavg": stat(
             [1.0 - _total_bytes(run) / _total_bytes(base) for run, base in paired]
+        ),
+        "first_state_message_ratio": stat(
+            [
+                first["max_bytes"] / first["dense_bytes"]
+                for first in (run.get("first_state_messages") or {} for run in runs)
+                if first.get("nodes") and first.get("dense_bytes")
+            ]
         ),
         "wall_time_s": stat(present("wall_time_s")),
         "process_wall_s": stat(present("process_wall_s")),

@@ -300,6 +300,7 @@ def build_summary(
         "total_control_up": totals["control_up"],
         "total_control_down": totals["control_down"],
         "total_state_bytes": totals["state_down"],
+        "first_state_messages": ledger.first_state_messages(),
         "total_payload_up": totals["payload_up"],
         "total_payload_down": totals["payload_down"],
         "final_accuracy": rows[-1]["accuracy"] if rows else None,

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from flwr.app import ArrayRecord
 
 from benchmarks import first_message

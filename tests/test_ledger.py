@@ -423,3 +423,29 @@ def _tree(obj: Any) -> list[Any]:
     for child in (obj.children or {}).values():
         found.extend(_tree(child))
     return found
+
+
+def test_first_state_messages_takes_each_nodes_first_state_bearing_instruction() -> None:
+    def down(round: int, node: int, wire: int, state: int, phase: str = "train") -> LedgerRow:
+        return LedgerRow(round, phase, "down", node, "message", wire, wire, 5, 95, state)
+
+    ledger = ByteLedger(
+        [
+            down(1, 7, 1000, 0),  # the dense round: 1,100 network bytes
+            down(1, 8, 1000, 0),
+            down(2, 7, 900, 300, phase="evaluate"),  # state in an evaluation is not kept
+            down(3, 7, 1200, 300),  # node 7's first state: larger than the dense message
+            down(4, 7, 500, 50),  # a later delta: not a first message
+            down(5, 8, 800, 400),
+            LedgerRow(5, "train", "up", 8, "message", 2000, 2000, 5, 95, 0),
+        ]
+    )
+    first = ledger.first_state_messages()
+    assert first == {
+        "nodes": 2,
+        "max_bytes": 1300,
+        "mean_bytes": 1100,
+        "dense_bytes": 1100,
+        "over_dense": 1,
+    }
+    assert ByteLedger().first_state_messages()["nodes"] == 0
