@@ -118,11 +118,12 @@ def apply_delta(
     """
     if delta.is_full:
         assert delta.references is not None
-        size = n_weights if n_weights is not None else None if state is None else state.n_weights
-        if size is None:
+        if n_weights is None and state is not None:
+            n_weights = state.n_weights
+        if n_weights is None:
             raise ValueError("applying a full state needs the number of weights N")
         fresh = EmbeddingState(
-            _known_modes(np.zeros(size, dtype=np.uint8), delta.references, delta),
+            _known_modes(np.zeros(n_weights, dtype=np.uint8), delta.references, delta),
             delta.references,
             version=delta.to_version,
         )

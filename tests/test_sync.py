@@ -71,3 +71,13 @@ def test_gaps_and_missing_state_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="newer than the server"):
         history.delta(server, server.version + 1)
     assert isinstance(history.delta(server, 0), StateDelta)
+
+
+def test_a_full_state_needs_the_number_of_weights() -> None:
+    # A full state carries the modes of its embedded weights only: N must come from the client.
+    server, history, _ = _server()
+    with pytest.raises(ValueError, match="number of weights"):
+        apply_delta(None, history.delta(server, 0))
+    client = apply_delta(None, history.delta(server, 0), server.n_weights)
+    known = np.union1d(server.embedded_indices, server.references)
+    np.testing.assert_array_equal(client.modes[known], server.modes[known])

@@ -531,3 +531,13 @@ def test_overlap_check_agrees_with_intersect1d() -> None:
         pairs.append((a, b))
     for a, b in pairs:
         assert _overlap(a, b) == bool(np.intersect1d(a, b).size), (a, b)
+
+
+def test_state_rejects_mode_ids_without_embedded_weights() -> None:
+    from cmd_fl.wire import _STATE_HEADER
+
+    empty = encode_index_set(np.empty(0, dtype=np.int64), N_WEIGHTS).tobytes()
+    header = _STATE_HEADER.pack(4, 4, 1, 2, 1, 0, len(empty), len(empty), len(empty))
+    blob = np.frombuffer(header + b"\x03" + empty * 3, dtype=np.uint8)
+    with pytest.raises(WireFormatError, match="mode ids but embeds no weight"):
+        StateDelta.from_array_record(to_array_record({"cmd-state": blob}), N_WEIGHTS, N_MODES)
