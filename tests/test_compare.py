@@ -338,6 +338,26 @@ def test_tradeoff_says_where_neither_dominates() -> None:
     assert by_target["bytes"]["verdict"] == "FAIL"  # -3 points
 
 
+def test_a_preset_sets_its_own_targets() -> None:
+    # CMD at 46 % of FedAvg's bytes, 0.9 points lower: fails the default targets (40 %, 0.5
+    # points), passes the cross-device preset's (50 %, 1 point).
+    records = [
+        synthetic_record("fedavg", 0, 0.900, 500, 500),
+        synthetic_record("cmd", 0, 0.891, 230, 230),
+    ]
+    meta = synthetic_meta(["fedavg", "cmd"], ["iid"], [0])
+    aggregates = report.aggregate(records, ["iid"], list(meta["methods"]))
+    default = {t["target"]: t for t in report.evaluate_targets(aggregates, meta)}
+    assert default["bytes"]["verdict"] == "FAIL"
+    assert "target <= 40 %" in default["bytes"]["line"]
+    meta["targets"] = compare.PRESETS["cross-device"].targets
+    own = {t["target"]: t for t in report.evaluate_targets(aggregates, meta)}
+    assert own["bytes"]["verdict"] == "PASS"
+    assert "target <= 50 %" in own["bytes"]["line"] and "(target >= -1.00)" in own["bytes"]["line"]
+    # Synthetic runs climb linearly to their final accuracy over 3 rounds: 2/3 of the gap.
+    assert "last 10 rounds -0.60" in own["bytes"]["line"]
+
+
 def test_targets_skip_without_fedavg() -> None:
     records = [synthetic_record("cmd", 0, 0.9, 150, 150)]
     meta = synthetic_meta(["cmd"], ["iid"], [0])
