@@ -23,13 +23,10 @@ BASELINE = "fedavg"
 MB = 1e6
 # The targets of the comparison (issue "comparison driver"); a preset may set its own
 # (`compare.Preset.targets`, in ``meta["targets"]``).
-MAX_BYTES_RATIO = 0.40  # CMD's total bytes at most 40 % of FedAvg's ...
-MAX_ACCURACY_DROP_POINTS = 0.5  # ... with final accuracy at most 0.5 points below
-MAX_WALL_TIME_RATIO = 1.10  # CMD's wall time at most 1.10 x FedAvg's
 DEFAULT_TARGETS = {
-    "max_bytes_ratio": MAX_BYTES_RATIO,
-    "max_accuracy_drop_points": MAX_ACCURACY_DROP_POINTS,
-    "max_wall_time_ratio": MAX_WALL_TIME_RATIO,
+    "max_bytes_ratio": 0.40,  # CMD's total bytes at most 40 % of FedAvg's ...
+    "max_accuracy_drop_points": 0.5,  # ... with final accuracy at most 0.5 points below
+    "max_wall_time_ratio": 1.10,  # CMD's wall time at most 1.10 x FedAvg's
 }
 # The Pareto target (issue "Pareto front"): CMD + a codec at equal or better mean accuracy
 # with at most 0.6 x the mean total bytes of FedAvg + the same codec.
