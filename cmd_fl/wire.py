@@ -184,10 +184,16 @@ def _elias_fano_low_bits(count: int, universe: int) -> int:
     return (universe // count).bit_length() - 1
 
 
+def _elias_fano_upper_bits(count: int, universe: int, low: int) -> int:
+    """Length of an Elias-Fano set's upper bit vector: one bit per index and one per bucket
+    of ``2**low`` values (``count`` for an empty universe: ``(-1 >> low) == -1``)."""
+    return count + ((universe - 1) >> low) + 1
+
+
 def _elias_fano_size(count: int, universe: int) -> int:
     """Bytes of `_elias_fano_encode`'s body for ``count`` indices in ``[0, universe)``."""
     low = _elias_fano_low_bits(count, universe)
-    upper_bits = count + ((universe - 1) >> low) + 1 if universe else count
+    upper_bits = _elias_fano_upper_bits(count, universe, low)
     head = _varint_encode(np.array([count], dtype=np.uint64)).size + 1
     return head + (count * low + 7) // 8 + (upper_bits + 7) // 8
 
@@ -202,7 +208,7 @@ def _elias_fano_encode(arr: np.ndarray, universe: int) -> np.ndarray:
         ([np.uint8(low)], _varint_encode(np.array([count], dtype=np.uint64)))
     ).astype(np.uint8)
     low_bits = ((arr[:, None] >> np.arange(low, dtype=np.int64)) & 1).astype(np.uint8)
-    upper = np.zeros(count + ((universe - 1) >> low) + 1, dtype=np.uint8)
+    upper = np.zeros(_elias_fano_upper_bits(count, universe, low), dtype=np.uint8)
     upper[(arr >> low) + np.arange(count, dtype=np.int64)] = 1
     return np.concatenate(
         (
@@ -226,17 +232,17 @@ def _elias_fano_decode(body: np.ndarray, universe: int) -> np.ndarray:
         raise WireFormatError(f"index set has {count} entries, universe is {universe}")
     if low != _elias_fano_low_bits(count, universe):
         raise WireFormatError(f"Elias-Fano index set has {low} low bits, not the canonical")
-    if body.size != _elias_fano_size(count, universe):
+    expected = _elias_fano_size(count, universe)
+    if body.size != expected:
         raise WireFormatError(
-            f"Elias-Fano index set has {body.size} bytes, expected "
-            f"{_elias_fano_size(count, universe)} for {count} indices"
+            f"Elias-Fano index set has {body.size} bytes, expected {expected} for {count} indices"
         )
     cursor = 2 + int(ends[0])
     n_low_bytes = (count * low + 7) // 8
     low_bits = np.unpackbits(body[cursor : cursor + n_low_bytes], bitorder="little")
     if np.any(low_bits[count * low :]):
         raise WireFormatError("Elias-Fano index set has padding bits set")
-    n_upper = count + ((universe - 1) >> low) + 1
+    n_upper = _elias_fano_upper_bits(count, universe, low)
     upper = np.unpackbits(body[cursor + n_low_bytes :], bitorder="little")
     if np.any(upper[n_upper:]):
         raise WireFormatError("Elias-Fano index set has padding bits set")
