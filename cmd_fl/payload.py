@@ -35,6 +35,10 @@ METRICS = "metrics"
 
 # Config and metric keys.
 SERVER_ROUND = "server-round"
+# The server's one query (``sample-by = "data"``): config key and value, and the reply's record
+# and metric, the node's data key (`simulations.node_data.node_data_key`).
+ASK = "cmd-fl-ask"
+DATA_KEY = "data-key"
 STATE_VERSION = "state-version"
 N_MODES = "n-modes"
 NUM_EXAMPLES = "num-examples"

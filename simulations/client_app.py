@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.apf_client import APFClient
 from clients.cmd_client import CMDClient, OptimizerHook, Projection
-from cmd_fl.payload import APF_MODEL
-from simulations.node_data import node_dataset
+from cmd_fl.payload import APF_MODEL, ASK, CONFIG, DATA_KEY
+from simulations.node_data import node_data_key, node_dataset
 from simulations.settings import RunSettings
 from simulations.task import build_model, evaluate, train
 
@@ -68,3 +68,13 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
 
     # Dense messages (FedAvg, APF, CMD's warm-up) and CMD's compact ones alike.
     return CMDClient(build_model(settings.dataset), no_training).evaluate(msg, evaluate_fn, context)
+
+
+@app.query()
+def query_handler(msg: Message, context: Context) -> Message:
+    """Answer the server's one question: which data this node trains on (``sample-by=data``)."""
+    asked = msg.content.config_records[CONFIG].get(ASK) if CONFIG in msg.content else None
+    if asked != DATA_KEY:
+        raise ValueError(f"unknown query {asked!r}: this ClientApp answers {ASK}={DATA_KEY!r}")
+    key = node_data_key(context.node_config)
+    return Message(RecordDict({DATA_KEY: MetricRecord({DATA_KEY: key})}), reply_to=msg)

@@ -114,19 +114,34 @@ def node_dataset(
     NodeDataError
         If the node config names no data, or the data is unusable.
     """
+    key = node_data_key(node_config)
     if DATA_PATH_KEY in node_config:
-        path = str(node_config[DATA_PATH_KEY])
-        # Seeded by the path, not the node id (new at every start): runs stay reproducible.
-        return load_node_data(path, settings.dataset), zlib.crc32(path.encode())
+        return load_node_data(str(node_config[DATA_PATH_KEY]), settings.dataset), key
+    num_partitions = int(str(node_config.get(NUM_PARTITIONS_KEY, settings.num_partitions)))
+    return client_dataset(settings, key, num_partitions), key
+
+
+def node_data_key(node_config: Mapping[str, object]) -> int:
+    """Which data a node trains on, as a number that is the same at every start of the node:
+    its partition id, or the CRC-32 of its data path (its node id is new at every start).
+
+    Seeds the node's shuffles, and orders the nodes when the server samples them by data
+    (``sample-by = "data"``), so that runs stay reproducible and paired.
+
+    Raises
+    ------
+    NodeDataError
+        If the node config names no data.
+    """
+    if DATA_PATH_KEY in node_config:
+        return zlib.crc32(str(node_config[DATA_PATH_KEY]).encode())
     if PARTITION_ID_KEY not in node_config:
         raise NodeDataError(
             f"node config names no data: start the SuperNode with --node-config "
             f'"{DATA_PATH_KEY}=\'/path/to/data.npz\'" or "{PARTITION_ID_KEY}=I '
             f'{NUM_PARTITIONS_KEY}=K"'
         )
-    partition_id = int(str(node_config[PARTITION_ID_KEY]))
-    num_partitions = int(str(node_config.get(NUM_PARTITIONS_KEY, settings.num_partitions)))
-    return client_dataset(settings, partition_id, num_partitions), partition_id
+    return int(str(node_config[PARTITION_ID_KEY]))
 
 
 def load_node_data(path: str | os.PathLike[str], dataset: str) -> ArrayDataset:

@@ -54,6 +54,7 @@ def make_strategy(
         "fraction_train": settings.fraction_train,
         "min_train_nodes": settings.min_train_nodes,
         "min_available_nodes": settings.min_available_nodes,
+        "sample_by": settings.sample_by,
         "fraction_evaluate": settings.fraction_evaluate,
         "min_valid_replies": settings.min_valid_replies,
         "max_num_examples": settings.max_num_examples or None,

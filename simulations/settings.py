@@ -11,6 +11,7 @@ from cmd_fl.codec import CODECS, CodecSpec
 from cmd_fl.embedding import SELECTION_RULES, EmbeddingSchedule
 from cmd_fl.torch_projection import REFERENCE_GRADIENTS
 from strategies.cmd_strategy import COEFFICIENT_PRECISIONS, CMDOptions
+from strategies.sampling import SAMPLE_BY
 
 STRATEGIES = ("fedavg", "cmd", "apf")
 PARTITIONINGS = ("iid", "dirichlet")
@@ -32,6 +33,7 @@ class RunSettings:
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     min_available_nodes: int = 2
+    sample_by: str = "data"  # "data": the same seed draws the same partitions in every run
     fraction_evaluate: float = 0.0  # server-side evaluation: no model travels for it
     local_epochs: int = 1
     learning_rate: float = 0.05
@@ -90,6 +92,7 @@ class RunSettings:
                 self.cmd_reference_gradient in REFERENCE_GRADIENTS,
                 f"cmd-reference-gradient must be one of {REFERENCE_GRADIENTS}",
             ),
+            (self.sample_by in SAMPLE_BY, f"sample-by must be one of {SAMPLE_BY}"),
             (self.num_server_rounds >= 1, "num-server-rounds must be >= 1"),
             (0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]"),
             (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),

@@ -24,7 +24,7 @@ from flwr.app import (
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info, sample_nodes
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from cmd_fl.checkpoint import prefixed, unprefixed
 from cmd_fl.codec import CodecSpec, encoded_nbytes
@@ -44,6 +44,7 @@ from cmd_fl.payload import (
 )
 from cmd_fl.wire import WireFormatError, from_array_record, pack_tensors, unpack_tensors
 from strategies.aggregation import RunningAverage
+from strategies.sampling import NodeSampler
 
 logger = logging.getLogger("flwr.cmd_fl")
 
@@ -131,6 +132,11 @@ class MeteredFedAvg(FedAvg):
         With a coded downlink, a node that does not hold the public model's base gets the model
         coded on its own (`cmd_fl.downlink.keyframe_spec`) from round 2 on, instead of float32.
         Default True.
+    sample_by : {"node-id", "data"}
+        How a round that samples fewer than all nodes draws them (`strategies.sampling`).
+        Default ``"node-id"``, Flower's draw. ``"data"`` asks each node once which data it trains
+        on and draws by that, so runs with the same seed train the same data: the nodes'
+        ClientApp must answer the query (``simulations.client_app`` does).
     max_abs_value : float
         Replies holding a float of larger magnitude are rejected (finite but absurd values
         would wreck the average). Default 1e6.
@@ -157,6 +163,7 @@ class MeteredFedAvg(FedAvg):
         codec: CodecSpec | None = None,
         code_downlink: bool = True,
         keyframes: bool = True,
+        sample_by: str = "node-id",
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -167,6 +174,7 @@ class MeteredFedAvg(FedAvg):
         )
         self.layout = layout
         self.ledger = ledger
+        self.sampler = NodeSampler(ledger, sample_by)
         self.min_valid_replies = min_valid_replies
         self.max_num_examples = max_num_examples
         self.rejections: list[dict[str, Any]] = []
@@ -192,15 +200,15 @@ class MeteredFedAvg(FedAvg):
         self._keyframes_paused = False  # for the first round after a resume
 
     # --- sampling and sending -----------------------------------------------------------------
-    def sample_train_nodes(self, grid: Grid) -> list[int]:
-        """Sample this round's training nodes as FedAvg does."""
-        return self._sample(grid, self.fraction_train, self.min_train_nodes)
+    def sample_train_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """Sample this round's training nodes as FedAvg does (see `NodeSampler`)."""
+        return self._sample(grid, server_round, self.fraction_train, self.min_train_nodes)
 
-    def _sample(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
+    def _sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int) -> list[int]:
         """FedAvg's sampling: ``fraction`` of the connected nodes, at least ``min_nodes``."""
-        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, min_nodes))
-        return sorted(node_ids)
+        return self.sampler.sample(
+            grid, server_round, fraction, min_nodes, self.min_available_nodes
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -208,7 +216,7 @@ class MeteredFedAvg(FedAvg):
         """Sample nodes and build (and meter) one training message per node."""
         if self.fraction_train == 0.0:
             return []
-        node_ids = self.sample_train_nodes(grid)
+        node_ids = self.sample_train_nodes(grid, server_round)
         # A copy per round: messages already sent must not change when the next round's
         # config is written (Flower passes the same ConfigRecord every round).
         config = ConfigRecord(dict(config.items()))
@@ -606,6 +614,7 @@ class MeteredFedAvg(FedAvg):
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result = Result()
         started = time.time()
+        self.sampler.timeout = timeout
         arrays = initial_arrays
         result.arrays = arrays
         if evaluate_fn is not None and first_round == 1:
@@ -702,7 +711,7 @@ class MeteredFedAvg(FedAvg):
         """
         if self.fraction_evaluate == 0.0:
             return []
-        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        node_ids = self._sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes)
         config = ConfigRecord(dict(config.items()))  # a copy per round, as for training
         config[SERVER_ROUND] = server_round
         messages = self.evaluate_messages(server_round, arrays, config, node_ids)

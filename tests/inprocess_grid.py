@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
@@ -88,9 +88,15 @@ class InProcessGrid(Grid):
     tamper: Tamper | None = None
     failure: Failure | None = None
     exchanges: list[Exchange] = field(default_factory=list)
+    queries: list[Exchange] = field(default_factory=list)
+    # Node i's id (it holds partition i); default 1000 + i. A real SuperLink draws them at random.
+    node_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.node_ids = [1000 + i for i in range(self.num_nodes)]
+        if not self.node_ids:
+            self.node_ids = [1000 + i for i in range(self.num_nodes)]
+        if len(set(self.node_ids)) != self.num_nodes:
+            raise ValueError("node_ids must be num_nodes distinct ids")
         self.contexts = {
             node: Context(
                 run_id=1,
@@ -124,7 +130,8 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.node_ids)
+        # By id, as a SuperLink's set of random ids comes out: not in partition order.
+        return sorted(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -151,7 +158,10 @@ class InProcessGrid(Grid):
             if self.tamper is not None and reply.has_content():
                 reply = self.tamper(node, server_round, reply)
             reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            self.exchanges.append(Exchange(server_round, node, message, reply))
+            exchange = Exchange(server_round, node, message, reply)
+            # Queries (sampling by data) apart: tests read `exchanges` as the model's traffic.
+            is_query = message.metadata.message_type == MessageType.QUERY
+            (self.queries if is_query else self.exchanges).append(exchange)
             self._replies[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)
         return ids

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.clientapp import ClientApp
 
 from cmd_fl.layout import ParameterLayout
 from cmd_fl.ledger import ByteLedger
 from simulations import compare, report
+from simulations.client_app import app as client_app
 from simulations.server_app import make_strategy
 from simulations.settings import RunSettings
 from simulations.task import build_model
@@ -441,10 +441,10 @@ def test_cross_device_preset_samples_10_of_100_clients_for_100_rounds(tmp_path: 
     fedavg = next(s for s in settings if s.strategy == "fedavg" and s.codec == "none")
     layout = ParameterLayout.from_module(build_model(fedavg.dataset))
     strategy = make_strategy(fedavg, layout, ByteLedger())
-    grid = InProcessGrid(ClientApp(), plan.preset.supernodes, fedavg.to_run_config())
+    grid = InProcessGrid(client_app, plan.preset.supernodes, fedavg.to_run_config())
 
     # Execute: the sampling of 20 rounds, as the ServerApp's strategy does it
-    sampled = [strategy.sample_train_nodes(grid) for _ in range(20)]
+    sampled = [strategy.sample_train_nodes(grid, r) for r in range(1, 21)]
 
     # Assert: the plan
     assert plan.preset.supernodes == 100
