@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ def make_strategy(
         "min_train_nodes": settings.min_train_nodes,
         "min_available_nodes": settings.min_available_nodes,
         "sample_by": settings.sample_by,
+        "sample_seed": settings.seed,
         "fraction_evaluate": settings.fraction_evaluate,
         "min_valid_replies": settings.min_valid_replies,
         "max_num_examples": settings.max_num_examples or None,
@@ -131,6 +131,8 @@ class RunRecorder:
                 1 for r in self.strategy.rejections if r["round"] == server_round
             ),
             "elapsed_s": round(time.time() - self.started, 3),
+            # Which data trained (sample-by = "data"): equal across runs of one seed.
+            "trained_data_keys": self.strategy.trained_data_keys.get(server_round, []),
         }
         self.rows.append(row)
         self._print_progress(row)
@@ -165,7 +167,6 @@ class RunOutcome:
 
 def run(grid: Grid, settings: RunSettings) -> RunOutcome:
     """Run one experiment on ``grid`` (or resume it from its checkpoint) and write its results."""
-    random.seed(settings.seed)  # Flower samples nodes with the global RNG
     started = time.time()
     run_name = settings.run_name or (
         f"{settings.strategy}-{settings.dataset}-{settings.partitioning}-s{settings.seed}-"
@@ -230,14 +231,12 @@ def save_run_checkpoint(
     """Write everything needed to resume after ``server_round`` (atomically, no pickle)."""
     state_arrays, meta = strategy.checkpoint()
     state_arrays.update(prefixed("global", {k: v.numpy() for k, v in arrays.items()}))
-    version, internal, gauss = random.getstate()
     meta.update(
         {
             "round": server_round,
             "config": settings.to_run_config(),
             "global_keys": list(arrays.keys()),
             "rows": recorder.rows,
-            "random_state": [version, list(internal), gauss],
             "elapsed_s": elapsed,
         }
     )
@@ -269,8 +268,6 @@ def restore_run(
         raise ValueError(f"cannot resume: run config differs from the checkpoint's in {changed}")
     strategy.restore(arrays, meta)
     recorder.rows = list(meta["rows"])
-    version, internal, gauss = meta["random_state"]
-    random.setstate((version, tuple(internal), gauss))
     model = unprefixed("global", arrays)
     global_arrays = ArrayRecord({key: Array(model[key]) for key in meta["global_keys"]})
     print(f"[cmd-fl] resumed from {path} after round {meta['round']}", flush=True)

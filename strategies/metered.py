@@ -137,6 +137,8 @@ class MeteredFedAvg(FedAvg):
         Default ``"node-id"``, Flower's draw. ``"data"`` asks each node once which data it trains
         on and draws by that, so runs with the same seed train the same data: the nodes'
         ClientApp must answer the query (``simulations.client_app`` does).
+    sample_seed : int or None
+        Seed of the sampler's own RNG. Default None: seeded by the operating system.
     max_abs_value : float
         Replies holding a float of larger magnitude are rejected (finite but absurd values
         would wreck the average). Default 1e6.
@@ -164,6 +166,7 @@ class MeteredFedAvg(FedAvg):
         code_downlink: bool = True,
         keyframes: bool = True,
         sample_by: str = "node-id",
+        sample_seed: int | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -174,7 +177,9 @@ class MeteredFedAvg(FedAvg):
         )
         self.layout = layout
         self.ledger = ledger
-        self.sampler = NodeSampler(ledger, sample_by)
+        self.sampler = NodeSampler(ledger, sample_by, seed=sample_seed)
+        # Per round: the data keys of the nodes it trained (sampling by data only).
+        self.trained_data_keys: dict[int, list[int]] = {}
         self.min_valid_replies = min_valid_replies
         self.max_num_examples = max_num_examples
         self.rejections: list[dict[str, Any]] = []
@@ -233,6 +238,7 @@ class MeteredFedAvg(FedAvg):
             )
             largest = max(largest, row.payload_bytes)
         self._sampled[server_round] = set(node_ids)
+        self.trained_data_keys[server_round] = self.sampler.data_keys_of(node_ids)
         self._instructions[server_round] = messages  # the Grid sets their ids when it pushes
         largest = max(largest, self.coded_reply_bytes(server_round))
         self._reply_bound[server_round] = (
@@ -684,6 +690,7 @@ class MeteredFedAvg(FedAvg):
             "round_info": {str(k): v for k, v in self.round_info.items()},
             "sent_checksums": {str(k): v for k, v in self.sent_checksums.items()},
             "ledger": self.ledger.to_rows(),
+            "sampler_rng": self.sampler.rng_state(),
         }
         arrays = {} if self.downlink is None else prefixed("downlink", self.downlink.to_arrays())
         return arrays, meta
@@ -694,6 +701,8 @@ class MeteredFedAvg(FedAvg):
         self.round_info = {int(k): v for k, v in meta["round_info"].items()}
         self.sent_checksums = {int(k): int(v) for k, v in meta["sent_checksums"].items()}
         self.ledger.extend(LedgerRow(**row) for row in meta["ledger"])
+        if "sampler_rng" in meta:  # checkpoints before the sampler had its own RNG have none
+            self.sampler.set_rng_state(meta["sampler_rng"])
         if self.downlink is not None:
             self.downlink.load_arrays(unprefixed("downlink", arrays))
         # Nodes that kept running still hold the public model: the first round sends it as it

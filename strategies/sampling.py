@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -63,7 +64,11 @@ def data_key_answer(reply: Message) -> int | None:
 
 
 class NodeSampler:
-    """Draws each round's nodes with Python's global RNG (seeded by the run, saved in checkpoints).
+    """Draws each round's nodes with its own RNG.
+
+    Not Python's global one, which Flower's sampling uses: Flower's message transfer draws from
+    it too, for the jitter of its retry delays, so how often depends on timing and two runs with
+    one seed would draw different nodes from the first retry on.
 
     Parameters
     ----------
@@ -76,14 +81,23 @@ class NodeSampler:
     timeout : float
         Seconds to wait for the answers to a query; a node that does not answer in time is
         ordered after the others, by node id.
+    seed : int or None
+        Seed of the draws (None: from the operating system).
     """
 
-    def __init__(self, ledger: ByteLedger, sample_by: str = "data", timeout: float = 600.0):
+    def __init__(
+        self,
+        ledger: ByteLedger,
+        sample_by: str = "data",
+        timeout: float = 600.0,
+        seed: int | None = None,
+    ):
         if sample_by not in SAMPLE_BY:
             raise ValueError(f"sample_by must be one of {SAMPLE_BY}, got {sample_by!r}")
         self.ledger = ledger
         self.sample_by = sample_by
         self.timeout = timeout
+        self.rng = random.Random(seed)
         # Node id -> its data key (None: asked, no valid answer).
         self.data_keys: dict[int, int | None] = {}
 
@@ -95,7 +109,22 @@ class NodeSampler:
         nodes = wait_for_nodes(grid, max(min_available, size))
         if self.sample_by == "data" and size < len(nodes):
             nodes = self.data_order(grid, server_round, nodes)
-        return sorted(random.sample(nodes, size))
+        return sorted(self.rng.sample(nodes, size))
+
+    def data_keys_of(self, nodes: list[int]) -> list[int]:
+        """The sorted data keys of those ``nodes`` that gave one (asked before)."""
+        keys = (self.data_keys.get(node) for node in nodes)
+        return sorted(key for key in keys if key is not None)
+
+    def rng_state(self) -> list[Any]:
+        """The RNG's state, JSON-friendly (for checkpoints)."""
+        version, internal, gauss = self.rng.getstate()
+        return [version, list(internal), gauss]
+
+    def set_rng_state(self, state: list[Any]) -> None:
+        """Restore what :meth:`rng_state` returned."""
+        version, internal, gauss = state
+        self.rng.setstate((version, tuple(internal), gauss))
 
     def data_order(self, grid: Grid, server_round: int, nodes: list[int]) -> list[int]:
         """``nodes`` ordered by their data keys (asking the nodes not asked before)."""
