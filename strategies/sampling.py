@@ -142,6 +142,11 @@ class NodeSampler:
     def ask(self, grid: Grid, server_round: int, nodes: list[int]) -> dict[int, int | None]:
         """Query ``nodes`` for their data keys; every message both ways goes into the ledger."""
         queries = [data_key_query(server_round, node) for node in nodes]
+        logger.info(
+            "round %d: asking %d nodes which data they train on (sample-by = data)",
+            server_round,
+            len(nodes),
+        )
         for query in queries:
             self.ledger.record_message(
                 server_round, "query", "down", query.metadata.dst_node_id, query, kind=DATA_KEY
