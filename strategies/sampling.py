@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -30,9 +29,7 @@ SAMPLE_BY = ("data", "node-id")
 MAX_DATA_KEY = 2**32 - 1
 
 
-def wait_for_nodes(
-    grid: Grid, minimum: int, sleep: Callable[[float], None] = time.sleep
-) -> list[int]:
+def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
     """The connected node ids, once at least ``minimum`` are connected (Flower's wait)."""
     while len(nodes := list(grid.get_node_ids())) < minimum:
         logger.info(
@@ -40,7 +37,7 @@ def wait_for_nodes(
             len(nodes),
             minimum,
         )
-        sleep(1)
+        time.sleep(1)
     return nodes
 
 
@@ -77,7 +74,7 @@ class NodeSampler:
     sample_by : {"data", "node-id"}
         ``"data"``: draw from the nodes ordered by the data they train on (asked once per node,
         only when a round samples fewer than all connected nodes). ``"node-id"``: Flower's own
-        draw from the nodes in the order the grid lists them.
+        draw from the nodes in the order the grid lists them (the default).
     timeout : float
         Seconds to wait for the answers to a query; a node that does not answer in time is
         ordered after the others, by node id.
@@ -88,7 +85,7 @@ class NodeSampler:
     def __init__(
         self,
         ledger: ByteLedger,
-        sample_by: str = "data",
+        sample_by: str = "node-id",
         timeout: float = 600.0,
         seed: int | None = None,
     ):
