@@ -160,7 +160,7 @@ def test_sample_by_is_validated() -> None:
         NodeSampler(ByteLedger(), "partition")
 
 
-def test_the_queries_are_the_grids_first_exchanges_and_go_once_to_each_node() -> None:
+def test_the_grid_carries_one_answered_query_per_node() -> None:
     run = settings("fedavg", "data")
     grid = InProcessGrid(client_app, NODES, run.to_run_config(), node_ids=shuffled_ids(6))
     strategy = make_strategy(
