@@ -132,7 +132,7 @@ class RunRecorder:
             ),
             "elapsed_s": round(time.time() - self.started, 3),
             # Which data trained (sample-by = "data"): equal across runs of one seed.
-            "trained_data_keys": self.strategy.trained_data_keys.get(server_round, []),
+            "trained_data_keys": self.strategy.trained_data_keys(server_round),
         }
         self.rows.append(row)
         self._print_progress(row)

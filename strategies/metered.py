@@ -178,8 +178,6 @@ class MeteredFedAvg(FedAvg):
         self.layout = layout
         self.ledger = ledger
         self.sampler = NodeSampler(ledger, sample_by, seed=sample_seed)
-        # Per round: the data keys of the nodes it trained (sampling by data only).
-        self.trained_data_keys: dict[int, list[int]] = {}
         self.min_valid_replies = min_valid_replies
         self.max_num_examples = max_num_examples
         self.rejections: list[dict[str, Any]] = []
@@ -215,6 +213,11 @@ class MeteredFedAvg(FedAvg):
             grid, server_round, fraction, min_nodes, self.min_available_nodes
         )
 
+    def trained_data_keys(self, server_round: int) -> list[int]:
+        """The sorted data keys of the nodes sampled to train in ``server_round`` (sampling by
+        data; empty when no node was asked)."""
+        return self.sampler.data_keys_of(list(self._sampled.get(server_round, ())))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -238,7 +241,6 @@ class MeteredFedAvg(FedAvg):
             )
             largest = max(largest, row.payload_bytes)
         self._sampled[server_round] = set(node_ids)
-        self.trained_data_keys[server_round] = self.sampler.data_keys_of(node_ids)
         self._instructions[server_round] = messages  # the Grid sets their ids when it pushes
         largest = max(largest, self.coded_reply_bytes(server_round))
         self._reply_bound[server_round] = (
