@@ -460,6 +460,8 @@ def test_cross_device_preset_samples_10_of_100_clients_for_100_rounds(tmp_path: 
         assert (s.dataset, s.train_subset, s.num_partitions) == ("fashion-mnist", 0, 100)
         assert (s.partitioning, s.dirichlet_alpha) == ("dirichlet", 0.5)
         assert (s.num_server_rounds, s.fraction_train) == (100, 0.1)
+        # Every method trains with FedAvg's best recipe tried: plain SGD, 3 local epochs.
+        assert (s.learning_rate, s.momentum, s.local_epochs) == (0.1, 0.0, 3)
         # A round that waited for more nodes than there are SuperNodes would never start.
         assert s.min_available_nodes == plan.preset.supernodes
     assert {(s.strategy, s.codec) for s in settings} == {
