@@ -273,8 +273,8 @@ PRESETS: dict[str, Preset] = {
             "cmd-warmup": 10,
             # Stability is judged over 2 rounds, not 1; the cap is reached by round 24 of 100.
             "cmd-embed-every": 2,
-            # 75 % embedded at most, not 80: with 1 local epoch, each 5 points of the cap cost about
-            # 0.3 points of accuracy for 3 points of saving (docs/experiments.md).
+            # 75 % embedded at most, not 80: with 1 local epoch, each 5 points of the cap cost
+            # about 0.3 points of accuracy for 3 points of saving (docs/experiments.md).
             "cmd-max-embedded": 0.75,
             # Refresh probes still release drifted weights, but do not re-fit the offsets b of
             # the others: a re-fit must reach every one of the 100 clients (about 200 kB each),
