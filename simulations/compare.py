@@ -262,9 +262,10 @@ PRESETS: dict[str, Preset] = {
             "fraction-train": 0.1,
             "min-train-nodes": 10,
             "min-available-nodes": 100,
-            # FedAvg's best recipe of those tried (learning rate 0.05 or 0.1, momentum 0 or 0.9,
-            # 1, 3 or 5 local epochs; docs/experiments.md, "A tuned FedAvg baseline"). With the
-            # `paper` preset's 0.05 and 1 epoch, FedAvg was still climbing at round 100 (0.85).
+            # FedAvg's best recipe of those tried (plain SGD at 0.05 or 0.1 with 1, 3 or 5 local
+            # epochs, or momentum 0.9 at 0.01 or 0.02 with 1; docs/experiments.md, "A tuned FedAvg
+            # baseline"). With the `paper` preset's 0.05 and 1 epoch, FedAvg was still climbing at
+            # round 100 (0.85).
             "learning-rate": 0.1,
             "momentum": 0.0,
             "local-epochs": 3,
